@@ -1,0 +1,115 @@
+"""Benchmark: metric points/s through orchestrator.tracking.Tracker into a fresh SQLite MLflow store.
+
+    python bench/tracking.py [--points 200000] [--runs 100] [--metrics 4]
+
+Last line of stdout is one JSON object:
+    points, seconds, points_per_s    Tracker (default path), from the first log_metrics call to flush() done
+    all_present                      every point read back from MLflow with the right step and value
+    enqueue_points_per_s             caller-side rate of log_metrics alone (never waits on the store)
+    log_batch_points_per_s           Tracker with fast_sql=False (MlflowClient.log_batch), on a sample
+    naive_points_per_s               one MlflowClient.log_metric call per point, on a small sample
+MLflow is imported here only to read back and for the naive baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestrator.tracking import Tracker
+
+
+def value(run: int, metric: int, step: int) -> float:
+    return run * 1e6 + metric * 1e5 + step * 0.5
+
+
+def run_tracker(uri: str, experiment: str, points: int, runs: int, metrics: int,
+                **kwargs: object) -> tuple[dict[str, float], list[str], int]:
+    """Log ``points`` points; returns timings, the child run ids and the number of steps per run."""
+    steps = max(1, points // (runs * metrics))
+    keys = [f"m{j}" for j in range(metrics)]
+    tr = Tracker(uri, experiment, **kwargs)  # type: ignore[arg-type]
+    parent = tr.start_parent(experiment, {"runs": runs}, {"mfsweep.sweep_key": experiment})
+    t0 = time.perf_counter()
+    kids = [tr.start_child(parent, f"net{i}", f"net{i}", {"i": i}, {}) for i in range(runs)]
+    t_setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for i, kid in enumerate(kids):
+            tr.log_metrics(kid, {k: value(i, j, step) for j, k in enumerate(keys)}, step)
+    t_enqueue = time.perf_counter() - t0
+    tr.flush()
+    t_total = time.perf_counter() - t0
+    for kid in kids:
+        tr.end_run(kid)
+    tr.end_run(parent)
+    tr.close()
+    n = steps * runs * metrics
+    assert tr.stats.points_logged == n + 0, tr.stats
+    return {"seconds": t_total, "enqueue_s": t_enqueue, "setup_s": t_setup, "points": n}, kids, steps
+
+
+def all_present(uri: str, kids: list[str], steps: int, metrics: int) -> bool:
+    client = MlflowClient(uri)
+    for i, kid in enumerate(kids):
+        for j in range(metrics):
+            hist = client.get_metric_history(kid, f"m{j}")
+            if sorted((m.step, m.value) for m in hist) != [(s, value(i, j, s)) for s in range(steps)]:
+                return False
+    return True
+
+
+def naive_rate(uri: str, n: int) -> float:
+    client = MlflowClient(uri)
+    exp = client.create_experiment("naive")
+    run = client.create_run(exp).info.run_id
+    t0 = time.perf_counter()
+    for step in range(n):
+        client.log_metric(run, "m", float(step), step=step)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", type=int, default=200_000)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--metrics", type=int, default=4)
+    ap.add_argument("--log-batch-points", type=int, default=40_000, help="sample for the log_batch path")
+    ap.add_argument("--naive-points", type=int, default=500, help="sample for the naive baseline")
+    ap.add_argument("--dir", type=Path, default=None, help="store folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.dir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{root / 'bench_mlflow.db'}"
+        main_t, kids, steps = run_tracker(uri, "bench", args.points, args.runs, args.metrics)
+        present = all_present(uri, kids, steps, args.metrics)
+        batch_t, _, _ = run_tracker(uri, "bench-log_batch", args.log_batch_points, args.runs, args.metrics,
+                                    fast_sql=False)
+        naive = naive_rate(uri, args.naive_points)
+    result = {
+        "points": main_t["points"],
+        "seconds": round(main_t["seconds"], 3),
+        "points_per_s": round(main_t["points"] / main_t["seconds"]),
+        "all_present": present,
+        "runs": args.runs,
+        "enqueue_points_per_s": round(main_t["points"] / main_t["enqueue_s"]),
+        "start_child_s": round(main_t["setup_s"], 3),
+        "log_batch_points": batch_t["points"],
+        "log_batch_points_per_s": round(batch_t["points"] / batch_t["seconds"]),
+        "naive_points": args.naive_points,
+        "naive_points_per_s": round(naive, 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The ``mfsweep`` command line.
+
+    mfsweep scaling [CONFIG] [--set section.key=value ...] [--out DIR] [--address RAY] [--tracking-uri URI]
+                    [--device auto|cpu|cuda]
+    mfsweep resume DIR
+    mfsweep search CONFIG [--trials N] [--storage URL] [--study NAME] ...
+    mfsweep validate CONFIG [--set ...]
+
+Exit codes: 0 done, 2 bad input (one line on stderr naming the key and the fix), 3 a service could not be
+used (Ray, MLflow, Optuna storage), 130 interrupted (resume with ``mfsweep resume DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+EXIT_BAD_INPUT = 2
+EXIT_SERVICE = 3
+EXIT_INTERRUPTED = 130
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("config", nargs="?", default=None,
+                       help="YAML config (default: the embedded quick-start sweep)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set sweep.seeds=3 (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<name>-<timestamp>)")
+    p.add_argument("--address", default=None, help="Ray cluster address (ray://host:10001, host:6379, auto)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="override execution.device")
+    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override execution.backend")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfsweep", description="Mean-field particle training sweeps: "
+                                     "error vs width on Ray, Optuna search, MLflow tracking.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("scaling", help="run an error-vs-width sweep (the main job)")
+    _common(sc)
+    rs = sub.add_parser("resume", help="finish an interrupted scaling sweep or search in DIR")
+    rs.add_argument("dir", type=Path)
+    rs.add_argument("--address", default=None)
+    rs.add_argument("--tracking-uri", default=None)
+    rs.add_argument("--no-progress", action="store_true")
+    va = sub.add_parser("validate", help="validate a scaling config and print it resolved")
+    va.add_argument("config")
+    va.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    se = sub.add_parser("search", help="Optuna search over architectures and dynamics")
+    _common(se)
+    se.add_argument("--trials", type=int, default=None, help="number of trials (overrides search.trials)")
+    se.add_argument("--storage", default=None,
+                    help="Optuna storage URL (default: a journal file in the output folder)")
+    se.add_argument("--study", default=None, help="study name (default: the config's name)")
+    return parser
+
+
+def _direct(args: argparse.Namespace) -> dict[str, object]:
+    direct: dict[str, object] = {}
+    if getattr(args, "device", None):
+        direct["execution.device"] = args.device
+    if getattr(args, "backend", None):
+        direct["execution.backend"] = args.backend
+    return direct
+
+
+def _scaling(args: argparse.Namespace, console: Console) -> int:
+    from . import config as config_mod
+    from .scaling import ScalingSweep, default_out
+
+    cfg = config_mod.load(args.config, args.overrides, **_direct(args))
+    out = args.out or default_out(cfg)
+    old = out / "config.yaml"
+    if old.exists():
+        previous = config_mod.load(old)
+        if previous != cfg:
+            raise config_mod.ConfigError(
+                f"{out} holds a different sweep; pick a new --out, or continue it with: mfsweep resume {out}")
+        console.print(f"resuming {out}")
+    ScalingSweep(cfg, out, tracking_uri=args.tracking_uri, address=args.address, console=console,
+                 progress=not args.no_progress).run()
+    console.print(f"done: {out}/summary.json; browse with: mlflow ui --backend-store-uri "
+                  f"sqlite:///{(out / 'mlflow.db').resolve()}" if not args.tracking_uri else f"done: {out}")
+    return 0
+
+
+def _resume(args: argparse.Namespace, console: Console) -> int:
+    from . import config as config_mod
+
+    if (args.dir / "search.yaml").exists():
+        from .search import resume_search
+
+        return resume_search(args.dir, address=args.address, tracking_uri=args.tracking_uri,
+                             progress=not args.no_progress, console=console)
+    from .scaling import ScalingSweep
+
+    path = args.dir / "config.yaml"
+    if not path.exists():
+        raise config_mod.ConfigError(f"{args.dir} is not an mfsweep output folder (no config.yaml)")
+    cfg = config_mod.load(path)
+    ScalingSweep(cfg, args.dir, tracking_uri=args.tracking_uri, address=args.address, console=console,
+                 progress=not args.no_progress).run()
+    return 0
+
+
+def _validate(args: argparse.Namespace, console: Console) -> int:
+    from . import config as config_mod
+
+    cfg = config_mod.load(args.config, args.overrides)
+    print(config_mod.dump(cfg), end="")
+    for name, _ in cfg.variant_configs():
+        console.print(f"variant ok: {name}")
+    return 0
+
+
+def _search(args: argparse.Namespace, console: Console) -> int:
+    from .search import run_search_cli
+
+    return run_search_cli(args, console)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    from .config import ConfigError
+
+    try:
+        from .pool import PoolError
+        from .scaling import Interrupted
+        from .tracking import TrackingError
+
+        handler = {"scaling": _scaling, "resume": _resume, "validate": _validate, "search": _search}
+        return handler[args.command](args, console)
+    except ConfigError as err:
+        console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
+        return EXIT_BAD_INPUT
+    except (TrackingError, PoolError) as err:
+        console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
+        return EXIT_SERVICE
+    except Interrupted as err:
+        console.print(f"[yellow]{err}[/]", soft_wrap=True, highlight=False)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; finished results are kept. Resume with: mfsweep resume DIR[/]")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Sweep configuration: YAML + ``--set`` overrides -> a frozen, validated :class:`ScalingConfig`.
+
+Every error is one line that names the key and the fix (:class:`ConfigError`); unknown keys are errors with
+a suggestion of the closest known key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.engine import (
+    Algorithm,
+    Component,
+    DynamicsSpec,
+    InitSpec,
+    InputDist,
+    Measure,
+    ModelSpec,
+    Parametrization,
+    RateConvention,
+    Scheme,
+    TaskKind,
+    TaskSpec,
+    Unit,
+    check_compatible,
+    make_task,
+)
+
+
+class ConfigError(ValueError):
+    """A bad configuration; ``str(err)`` is one line naming the key and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ComponentConfig(Strict):
+    weight: float
+    """Mixture weight a_m (may be negative)."""
+    mean: list[float]
+    """Centre mu_m (length task.dim)."""
+    var: float = Field(gt=0)
+    """Variance v_m of N(x; mu_m, v_m I)."""
+
+
+class TaskConfig(Strict):
+    kind: TaskKind = TaskKind.TEACHER
+    """teacher | gaussian_mixture | spherical_3spin | digits."""
+    dim: int = Field(16, ge=1)
+    """Input dimension d (digits: always 64)."""
+    seed: int = 0
+    """Seeds the target (teacher weights, couplings) and the test set."""
+    out_dim: int = Field(1, ge=1)
+    """Teacher output dimension."""
+    teacher_units: int = Field(10, ge=1)
+    """ReLU units of the teacher network."""
+    inputs: InputDist = InputDist.SPHERE
+    """Input law of the teacher task: sphere | gaussian."""
+    n_train: int = Field(4096, ge=1)
+    """Fixed training set size (gd without closed form; sgd with finite_set)."""
+    n_test: int = Field(4096, ge=1)
+    """Held-out test samples (unused where the population loss is exact)."""
+    components: list[ComponentConfig] = Field(default_factory=list)
+    """Gaussian-mixture target; empty = SCIENCE.md example A."""
+    measure: Measure = Measure.LEBESGUE
+    """Gaussian-mixture input measure: lebesgue (exact energy) | gaussian (samplable)."""
+    measure_std: float = Field(2.0, gt=0)
+    """Std of the Gaussian input measure."""
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(
+            kind=self.kind, dim=self.dim, seed=self.seed, out_dim=self.out_dim,
+            teacher_units=self.teacher_units, inputs=self.inputs, n_train=self.n_train, n_test=self.n_test,
+            components=tuple(Component(c.weight, tuple(c.mean), c.var) for c in self.components),
+            measure=self.measure, measure_std=self.measure_std,
+        )
+
+
+class InitConfig(Strict):
+    z: Literal["normal", "uniform"] = "normal"
+    """Law of w (ridge units) or of the centres (gaussian units)."""
+    loc: float = 0.0
+    scale: float | None = Field(None, ge=0)
+    """None = automatic (1/sqrt(E|x|^2) for ridge units, the input spread for gaussian units)."""
+    low: float = -2.0
+    high: float = 2.0
+    c_mean: float = 0.0
+    c_std: float = Field(1.0, ge=0)
+    bias_std: float = Field(0.0, ge=0)
+
+    def spec(self) -> InitSpec:
+        return InitSpec(z=self.z, loc=self.loc, scale=self.scale, low=self.low, high=self.high,
+                        c_mean=self.c_mean, c_std=self.c_std, bias_std=self.bias_std)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> InitConfig:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        return self
+
+
+class ModelConfig(Strict):
+    unit: Unit = Unit.RELU
+    """relu | tanh | sigmoid | gaussian."""
+    bias: bool = True
+    """Ridge units: use a bias b in phi(w.x + b)."""
+    parametrization: Parametrization = Parametrization.MEAN_FIELD
+    """mean_field (1/n output, raw lr n*dt) | ntk (1/sqrt(n) output, raw lr dt)."""
+    gaussian_var: float = Field(0.5, gt=0)
+    """Variance s^2 of gaussian units N(x; y, s^2 I)."""
+    init: InitConfig = Field(default_factory=InitConfig)
+    """Initial particle law mu_0."""
+    prior: InitConfig | None = None
+    """Law of fresh particles for birth-death scheme 'prior' (None = the initial law)."""
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(unit=self.unit, bias=self.bias, gaussian_var=self.gaussian_var,
+                         init=self.init.spec(), prior=self.prior.spec() if self.prior else None)
+
+
+class BirthDeathConfig(Strict):
+    rate: float = Field(0.0, ge=0)
+    """alpha; 0 turns birth-death off."""
+    scheme: Scheme = Scheme.CLONE
+    """clone (copy uniform survivors) | prior (re-inject fresh prior draws with c = 0)."""
+    every: int = Field(1, ge=1)
+    """Apply every this many steps."""
+    quench: int = Field(0, ge=0)
+    """Last steps run without birth-death."""
+    convention: RateConvention = RateConvention.PER_TIME
+    """per_time: p = 1-exp(-alpha|beta| dt every) (paper) | per_step: p = min(1, alpha|beta|) (notebooks)."""
+
+
+class DynamicsConfig(Strict):
+    algorithm: Algorithm = Algorithm.SGD
+    """gd (exact energy where closed form, else the fixed training set) | sgd (mini-batches)."""
+    lr: float = Field(0.05, gt=0, allow_inf_nan=False)
+    """Time step dt of the particle ODE (raw learning rate n*dt under mean_field, dt under ntk)."""
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    """SGD mini-batch size P (shared by a pack)."""
+    finite_set: bool = False
+    """SGD: sample batches from the fixed training set instead of fresh samples."""
+    temperature: float = Field(0.0, ge=0)
+    """Langevin temperature 1/beta (noise sqrt(2 dt/beta))."""
+    eval_every: int = Field(50, ge=1)
+    """Report (and log) losses every this many steps."""
+    diverge_threshold: float = Field(1e8, gt=0)
+    """A loss above this (or non-finite) retires the network as diverged."""
+    birth_death: BirthDeathConfig = Field(default_factory=BirthDeathConfig)
+
+    @model_validator(mode="after")
+    def _quench(self) -> DynamicsConfig:
+        if self.birth_death.quench > self.steps:
+            raise ValueError(f"birth_death.quench ({self.birth_death.quench}) exceeds steps ({self.steps})")
+        return self
+
+    def spec(self) -> DynamicsSpec:
+        bd = self.birth_death
+        return DynamicsSpec(
+            algorithm=self.algorithm, steps=self.steps, batch_size=self.batch_size, finite_set=self.finite_set,
+            eval_every=self.eval_every, bd_every=bd.every, bd_quench=bd.quench, bd_convention=bd.convention,
+            diverge_threshold=self.diverge_threshold,
+        )
+
+
+class VariantConfig(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    """Label of the variant (fitted separately)."""
+    set: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the base config, as dotted keys: {dynamics.birth_death.rate: 1.0}."""
+
+
+class SweepConfig(Strict):
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256, 512])
+    """Network widths n."""
+    seeds: int = Field(4, ge=1)
+    """Replicates per width (the bootstrap resamples them)."""
+    seed: int = 0
+    """Sweep seed: each replicate's stream derives from (seed, replicate), shared across variants."""
+    variants: list[VariantConfig] = Field(default_factory=list)
+    """Settings fitted separately; empty = one variant named 'base'."""
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("widths is empty; give at least two widths, e.g. [16, 64, 256]")
+        bad = [w for w in v if w < 1]
+        if bad:
+            raise ValueError(f"widths must be positive integers, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"widths has duplicates: {v}")
+        return sorted(v)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[VariantConfig]) -> list[VariantConfig]:
+        names = [x.name for x in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        return v
+
+
+class ExecutionConfig(Strict):
+    backend: Literal["ray", "local"] = "ray"
+    """ray (actor pool, local or --address cluster) | local (in-process, for debugging)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda where the workers see a GPU, else cpu."""
+    dtype: Literal["float32", "float64"] = "float32"
+    workers: int | None = Field(None, ge=1)
+    """Number of actors; None = one per GPU, or one per 'cpus_per_worker' CPUs."""
+    cpus_per_worker: int = Field(1, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    """Checkpoint each pack every this many steps (rounded up to a report step)."""
+    max_retries: int = Field(3, ge=0)
+    """Restarts of a pack whose worker died, before its networks are marked failed."""
+    memory_fraction: float = Field(0.5, gt=0, le=1)
+    """Share of a worker's device memory one pack may use."""
+    max_networks_per_pack: int = Field(256, ge=1)
+
+
+class ScalingConfig(Strict):
+    name: str = Field("sweep", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Sweep name: the MLflow experiment and the output folder prefix."""
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    def variant_configs(self) -> list[tuple[str, ScalingConfig]]:
+        """(name, resolved config) per variant; a variant's config has no variants of its own."""
+        base = self.model_dump(mode="json")
+        base["sweep"]["variants"] = []
+        if not self.sweep.variants:
+            return [("base", self)]
+        out = []
+        for i, var in enumerate(self.sweep.variants):
+            raw = copy.deepcopy(base)
+            for key, value in var.set.items():
+                _set_dotted(raw, key, value, where=f"sweep.variants[{i}].set")
+            out.append((var.name, _validate(raw, where=f"sweep.variants[{i}] ({var.name})")))
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, full + "."))
+    return keys
+
+
+KNOWN_KEYS = _known_keys(ScalingConfig)
+
+
+def _hint(loc: str) -> str:
+    close = difflib.get_close_matches(loc, KNOWN_KEYS, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else "; see the keys in configs/scaling/*.yaml"
+
+
+def _format(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{loc}'{_hint(loc)}"
+    got = first.get("input")
+    got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{where}: {loc}: {msg}{got_s}{more}"
+
+
+def _validate(raw: Mapping[str, Any], where: str) -> ScalingConfig:
+    try:
+        cfg = ScalingConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, where)) from None
+    try:
+        check_compatible(make_task(cfg.task.spec()), cfg.model.spec(), cfg.dynamics.spec())
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return cfg
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section, cannot set '{key}'")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_set(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings -> (key, YAML-parsed value)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set sweep.seeds=3")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err.__class__.__name__})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_raw(path: str | Path | None) -> dict[str, Any]:
+    """The YAML mapping of a config file ({} for None = embedded defaults)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found; pass a path such as configs/scaling/teacher_relu.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or err.__class__.__name__
+        raise ConfigError(f"{p}: malformed YAML{at}: {problem}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (task, model, dynamics, ...)")
+    return data
+
+
+def load(path: str | Path | None, overrides: Sequence[str] = (), **direct: Any) -> ScalingConfig:
+    """Load, apply ``--set`` overrides and direct dotted overrides, validate (variants included)."""
+    raw = load_raw(path)
+    where = str(path) if path is not None else "config"
+    for key, value in [*parse_set(overrides), *direct.items()]:
+        _set_dotted(raw, key, value, where=f"--set {key}")
+    cfg = _validate(raw, where)
+    cfg.variant_configs()  # validate every variant now, before anything starts
+    return cfg
+
+
+def dump(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,263 @@
+"""Worker pools that train packs: :class:`RayPool` (persistent Ray actors, local or on a cluster) and
+:class:`LocalPool` (in-process). Both honour one contract (tests/orchestrator/test_pool_contract.py):
+
+- ``run(jobs, on_event)`` returns when every job finished or failed; ``on_event`` is called in the caller's
+  thread, in order per pack, for every report; the returned list names the jobs that failed and why.
+- A job whose worker dies is retried (up to ``max_retries``) on another worker from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import ray
+import ray.exceptions
+
+from workers.actor import PackRunner, PackWorker
+from workers.jobs import PackEvent, PackJob, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    job: PackJob
+    reason: str
+
+
+class PoolError(RuntimeError):
+    """A pool that cannot start (one-line message naming the fix)."""
+
+
+class Pool(ABC):
+    workers: list[WorkerInfo]
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.workers)
+
+    @property
+    def memory_bytes(self) -> int:
+        """The smallest worker's plannable memory (packs are sized to fit any worker)."""
+        return min(w.memory_bytes for w in self.workers)
+
+    @property
+    def device(self) -> str:
+        return self.workers[0].device
+
+    @abstractmethod
+    def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
+            stop: threading.Event | None = None) -> list[JobFailure]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalPool(Pool):
+    """One in-process worker; a job that raises is retried from its checkpoint like a dead actor's."""
+
+    def __init__(self, device: str = "auto", max_retries: int = 3) -> None:
+        self.runner = PackRunner(device)
+        self.workers = [self.runner.info()]
+        self.max_retries = max_retries
+
+    def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
+            stop: threading.Event | None = None) -> list[JobFailure]:
+        failures = []
+        for job in jobs:
+            for attempt in range(self.max_retries + 1):
+                if stop is not None and stop.is_set():
+                    return failures
+                try:
+                    for event in self.runner.train(job):
+                        on_event(event)
+                        if stop is not None and stop.is_set():
+                            return failures
+                    break
+                except Exception as err:  # a crashed worker: retry from the checkpoint
+                    if attempt == self.max_retries:
+                        failures.append(JobFailure(job, f"{type(err).__name__}: {err}"))
+        return failures
+
+
+_DONE = object()
+
+
+class RayPool(Pool):
+    """Persistent Ray actors, one per GPU (or per ``cpus_per_worker`` CPUs), reused across packs."""
+
+    def __init__(self, address: str | None = None, *, device: str = "auto", workers: int | None = None,
+                 cpus_per_worker: int = 1, max_retries: int = 3, runtime_env: dict | None = None) -> None:
+        self.max_retries = max_retries
+        self.cpus_per_worker = cpus_per_worker
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                         include_dashboard=False if address is None else None, runtime_env=runtime_env,
+                         configure_logging=True)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                where = address or "a local cluster"
+                raise PoolError(f"cannot connect to Ray at {where}: {err}; check --address (ray://host:10001 "
+                                "or host:6379) or omit it for a local cluster") from None
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        cpus = int(res.get("CPU", 1))
+        if device == "cuda" and gpus == 0:
+            raise PoolError("execution.device=cuda but the Ray cluster has no GPU; use --device cpu or auto")
+        self.use_gpu = gpus > 0 and device in ("auto", "cuda")
+        n = workers or (gpus if self.use_gpu else max(1, cpus // cpus_per_worker))
+        self.device_kind = "cuda" if self.use_gpu else "cpu"
+        nodes = max(1, len([nd for nd in ray.nodes() if nd.get("Alive")]))
+        self._slots = max(1, n // nodes)
+        self._actor_id = 0
+        self.actors = [self._new_actor() for _ in range(n)]
+        try:
+            self.workers = ray.get([a.info.remote() for a in self.actors], timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            raise PoolError(f"{n} Ray workers did not start within 120 s; the cluster lacks resources "
+                            f"(asked {'1 GPU' if self.use_gpu else f'{cpus_per_worker} CPU'} each); "
+                            "lower execution.workers") from None
+
+    def _new_actor(self) -> ray.actor.ActorHandle:
+        self._actor_id += 1
+        opts: dict = {"num_cpus": self.cpus_per_worker, "max_concurrency": 2}
+        if self.use_gpu:
+            opts["num_gpus"] = 1
+        threads = None if self.use_gpu else self.cpus_per_worker
+        return PackWorker.options(**opts).remote(self.device_kind, threads, self._slots)
+
+    def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
+            stop: threading.Event | None = None) -> list[JobFailure]:
+        stop = stop or threading.Event()
+        todo: queue.Queue[tuple[PackJob, int]] = queue.Queue()
+        for job in jobs:
+            todo.put((job, 0))
+        events: queue.Queue[object] = queue.Queue()
+        failures: list[JobFailure] = []
+        remaining = [len(jobs)]
+        lock = threading.Lock()
+
+        def finish(failure: JobFailure | None = None) -> None:
+            with lock:
+                if failure is not None:
+                    failures.append(failure)
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    events.put(_DONE)
+
+        def serve(slot: int) -> None:
+            actor = self.actors[slot]
+            while not stop.is_set():
+                with lock:
+                    if remaining[0] == 0:
+                        return
+                try:
+                    job, attempt = todo.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                try:
+                    gen = actor.train.options(num_returns="streaming").remote(job)
+                    for ref in gen:
+                        events.put(ray.get(ref))
+                        if stop.is_set():
+                            ray.cancel(gen)
+                            return
+                    finish()
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.ObjectLostError) as err:
+                    reason = f"worker died ({type(err).__name__})"
+                    log.warning("pack %s: %s; attempt %d", job.pack_id, reason, attempt + 1)
+                    if attempt < self.max_retries:
+                        todo.put((job, attempt + 1))
+                    else:
+                        finish(JobFailure(job, f"{reason} {attempt + 1} times"))
+                    actor = self._replace(slot)
+                    if actor is None:
+                        return
+                except ray.exceptions.RayTaskError as err:
+                    cause = err.cause if getattr(err, "cause", None) is not None else err
+                    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+                    if attempt < self.max_retries:
+                        todo.put((job, attempt + 1))
+                    else:
+                        finish(JobFailure(job, f"{type(cause).__name__}: {first}"))
+
+        threads = [threading.Thread(target=serve, args=(i,), daemon=True, name=f"pool-{i}")
+                   for i in range(len(self.actors))]
+        for t in threads:
+            t.start()
+        if not jobs:
+            events.put(_DONE)
+        while True:
+            try:
+                item = events.get(timeout=0.5)
+            except queue.Empty:
+                if stop.is_set() or not any(t.is_alive() for t in threads):
+                    break
+                continue
+            if item is _DONE:
+                break
+            on_event(item)  # type: ignore[arg-type]
+        for t in threads:
+            t.join(timeout=5)
+        while not events.empty():  # reports that raced the last "done"
+            item = events.get()
+            if item is not _DONE:
+                on_event(item)  # type: ignore[arg-type]
+        if not stop.is_set():
+            # Jobs left in the queue when every worker is gone: fail them with a reason.
+            while True:
+                try:
+                    job, _ = todo.get_nowait()
+                except queue.Empty:
+                    break
+                failures.append(JobFailure(job, "no live Ray worker left to run it"))
+        return failures
+
+    def _replace(self, slot: int) -> ray.actor.ActorHandle | None:
+        """A fresh actor for a dead one (Ray places it on a live node); None when none can start."""
+        try:
+            actor = self._new_actor()
+            ray.get(actor.ping.remote(), timeout=60)
+        except Exception as err:  # no room left on the cluster
+            log.warning("could not replace a dead worker: %s", err)
+            return None
+        self.actors[slot] = actor
+        return actor
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already dead
+                pass
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def make_pool(backend: str, *, address: str | None, device: str, workers: int | None, cpus_per_worker: int,
+              max_retries: int) -> Pool:
+    if backend == "local":
+        if address:
+            raise PoolError("--address needs execution.backend=ray")
+        return LocalPool(device, max_retries)
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}}
+    return RayPool(address, device=device, workers=workers, cpus_per_worker=cpus_per_worker,
+                   max_retries=max_retries, runtime_env=env if address else None)
+
+
+__all__ = ["JobFailure", "LocalPool", "Pool", "PoolError", "RayPool", "make_pool"]

@@ -1,0 +1,375 @@
+"""Tracker against real MLflow stores: SQLite (bulk SQL and log_batch paths) and a real `mlflow server`.
+
+The same contract tests run on every backend; outage tests kill and restart a real server process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.tracking import Tracker, TrackingError
+
+METRICS = ("test_loss", "train_loss", "grad_norm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MlflowServer:
+    """A real `mlflow server` on SQLite, in its own process group so it can be killed like a crash."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.db_uri = f"sqlite:///{root / 'server.db'}"
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 120.0) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: starts faster
+        log = (self.root / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.db_uri,
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"mlflow server did not come up in {timeout}s")
+
+    def ensure_running(self) -> None:
+        if not self.alive():
+            self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the whole server process group (uvicorn and its workers): an abrupt outage."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated MLflow SQLite store: copying it saves MLflow's ~5 s of migrations per test."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path, template_db: Path) -> str:
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@dataclass
+class Backend:
+    name: str
+    uri: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def tracker(self, experiment: str, **kwargs: Any) -> Tracker:
+        return Tracker(self.uri, experiment, **{**self.kwargs, **kwargs})
+
+
+@pytest.fixture(params=["sqlite-bulk", "sqlite-log_batch", "http"])
+def backend(request: pytest.FixtureRequest, sqlite_uri: str) -> Backend:
+    if request.param == "http":
+        server: MlflowServer = request.getfixturevalue("mlflow_server")
+        server.ensure_running()
+        return Backend("http", server.uri)
+    return Backend(request.param, sqlite_uri, {"fast_sql": request.param == "sqlite-bulk"})
+
+
+def value(run: int, metric: int, step: int) -> float:
+    """Distinct, exactly representable values so read-back can be compared with ==."""
+    if metric == 2 and step % 50 == 7:
+        return math.nan
+    return run * 1000.0 + step + 0.25 * metric
+
+
+def log_grid(tr: Tracker, kids: list[str], steps: range) -> None:
+    for step in steps:
+        for i, kid in enumerate(kids):
+            tr.log_metrics(kid, {m: value(i, j, step) for j, m in enumerate(METRICS)}, step)
+
+
+def assert_history(client: MlflowClient, run_id: str, run: int, steps: range) -> None:
+    for j, m in enumerate(METRICS):
+        hist = sorted(client.get_metric_history(run_id, m), key=lambda x: x.step)
+        assert [x.step for x in hist] == list(steps), f"{m}: steps differ"
+        for x in hist:
+            want = value(run, j, x.step)
+            assert (math.isnan(x.value) and math.isnan(want)) or x.value == want
+
+
+@pytest.fixture
+def fluent_uri() -> Iterator[None]:
+    before = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(before)
+
+
+def test_every_point_written_exactly_once(backend: Backend, fluent_uri: None) -> None:
+    exp = f"contract-{uuid.uuid4().hex[:8]}"
+    tr = backend.tracker(exp, flush_interval_s=0.05)
+    assert tr.uses_fast_sql == (backend.name == "sqlite-bulk")
+    parent = tr.start_parent("sweep", {"lr": 0.1, "widths": [16, 32]}, {"mfsweep.sweep_key": exp})
+    kids = [tr.start_child(parent, f"net{i}", f"net-{i}", {"width": 16 * (i + 1), "seed": i}, {"v": "relu"})
+            for i in range(20)]
+    steps = range(200)
+    log_grid(tr, kids, steps)
+    for i, kid in enumerate(kids):
+        tr.set_tags(kid, {"mfsweep.status": "done"})
+        tr.end_run(kid, "FAILED" if i == 3 else "FINISHED")
+    tr.log_metrics(parent, {"relu.exponent": -1.01}, 0)
+    tr.end_run(parent)
+    tr.close()
+    s = tr.stats
+    assert (s.points_logged, s.pending, s.points_lost, s.points_skipped) == (20 * 3 * 200 + 1, 0, 0, 0)
+    assert s.batches >= 1
+
+    client = MlflowClient(backend.uri)
+    for i, kid in enumerate(kids):
+        assert_history(client, kid, i, steps)
+    mlflow.set_tracking_uri(backend.uri)
+    df = mlflow.search_runs(experiment_names=[exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                            output_format="pandas")
+    assert len(df) == 20
+    assert sorted(df["tags.mfsweep.key"]) == sorted(f"net{i}" for i in range(20))
+    assert set(df["tags.mfsweep.status"]) == {"done"}
+    by_key = df.set_index("tags.mfsweep.key")
+    assert by_key.loc["net3", "status"] == "FAILED"
+    assert (by_key.drop(index="net3")["status"] == "FINISHED").all()
+    assert by_key.loc["net5", "params.width"] == "96"
+    assert by_key.loc["net5", "tags.mlflow.runName"] == "net-5"
+    # latest_metrics (what the UI table shows) must be the last step's value
+    assert by_key.loc["net5", "metrics.test_loss"] == value(5, 0, 199)
+    prun = client.get_run(parent)
+    assert prun.info.status == "FINISHED"
+    assert prun.data.params["lr"] == "0.1"
+    assert prun.data.metrics["relu.exponent"] == -1.01
+
+
+def test_resume_reuses_runs_and_never_duplicates(backend: Backend) -> None:
+    exp = f"resume-{uuid.uuid4().hex[:8]}"
+    tags = {"mfsweep.sweep_key": "sweep-abc"}
+    tr = backend.tracker(exp)
+    parent = tr.start_parent("sweep", {"lr": 0.1}, tags)
+    kids = [tr.start_child(parent, f"net{i}", f"net{i}", {"width": i}, {}) for i in range(4)]
+    log_grid(tr, kids, range(100))  # the first session dies after step 99
+    tr.end_run(kids[0])
+    tr.close()
+
+    tr = backend.tracker(exp)
+    client = MlflowClient(backend.uri)
+    assert tr.start_parent("sweep", {"lr": 0.1}, tags) == parent
+    assert client.get_run(parent).info.status == "RUNNING"
+    again = [tr.start_child(parent, f"net{i}", f"net{i}", {"width": i}, {}) for i in range(4)]
+    assert again == kids
+    assert client.get_run(kids[0]).info.status == "RUNNING"
+    assert tr.stored_steps(kids[1]) == dict.fromkeys(METRICS, 99)
+    new = tr.start_child(parent, "net4", "net4", {"width": 4}, {})
+    assert new not in kids
+    log_grid(tr, [*kids, new], range(150))  # replays steps 0..99 from the last checkpoint
+    for kid in [*kids, new]:
+        tr.end_run(kid)
+    tr.close()
+    assert tr.stats.points_skipped == 4 * 3 * 100
+    assert tr.stats.points_logged == 4 * 3 * 50 + 3 * 150
+
+    for i, kid in enumerate([*kids, new]):
+        assert_history(client, kid, i, range(150))
+        assert client.get_run(kid).info.status == "FINISHED"
+    children = client.search_runs([tr.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 5
+    assert len(client.search_runs([tr.experiment_id], "tags.`mfsweep.sweep_key` = 'sweep-abc'")) == 1
+
+
+def test_end_run_waits_for_the_runs_points(sqlite_uri: str) -> None:
+    tr = Tracker(sqlite_uri, "order", flush_interval_s=10.0)  # one write cycle holds everything
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+    kid = tr.start_child(parent, "a", "a", {}, {})
+    tr.log_metrics(kid, {"x": 1.0}, 0)
+    tr.end_run(kid, "KILLED")
+    tr.log_metrics(kid, {"x": 2.0}, 1)  # logged after the end: lands in the next segment
+    tr.set_tags(kid, {"late": "yes"})
+    tr.close()
+    run = MlflowClient(sqlite_uri).get_run(kid)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["late"] == "yes"
+    assert [m.value for m in MlflowClient(sqlite_uri).get_metric_history(kid, "x")] == [1.0, 2.0]
+
+
+def test_rejected_write_is_reported_not_silent(sqlite_uri: str) -> None:
+    tr = Tracker(sqlite_uri, "reject")
+    parent = tr.start_parent("p", {"lr": 0.1}, {"mfsweep.sweep_key": "k"})
+    kid = tr.start_child(parent, "a", "a", {}, {})
+    tr.log_metrics(kid, {"x": 1.0}, 0)
+    tr.log_params(parent, {"lr": 0.2})  # MLflow forbids changing a param
+    with pytest.raises(TrackingError, match="rejected"):
+        tr.flush(timeout=30)
+    tr.flush(timeout=30)  # reported once; the tracker keeps working
+    tr.close()
+    assert tr.stats.points_logged == 1
+
+
+def test_logging_from_many_threads(sqlite_uri: str) -> None:
+    tr = Tracker(sqlite_uri, "threads", flush_interval_s=0.05)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+    kids = [tr.start_child(parent, f"n{i}", f"n{i}", {}, {}) for i in range(8)]
+
+    def work(i: int) -> None:
+        for step in range(500):
+            tr.log_metrics(kids[i], {"a": float(step), "b": -float(step)}, step)
+            if step % 100 == 0:
+                tr.flush()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tr.close()
+    client = MlflowClient(sqlite_uri)
+    for kid in kids:
+        for key in ("a", "b"):
+            assert sorted(m.step for m in client.get_metric_history(kid, key)) == list(range(500))
+
+
+def test_artifacts_go_next_to_the_database(sqlite_uri: str, tmp_path: Path) -> None:
+    src = tmp_path / "summary.json"
+    src.write_text('{"exponent": -1.0}')
+    with Tracker(sqlite_uri, "artifacts") as tr:
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        tr.log_artifact(parent, src)
+        tr.log_dict(parent, {"a": 1}, "extra/info.json")
+    stored = list((tmp_path / "mlartifacts").rglob("*.json"))
+    assert sorted(p.name for p in stored) == ["info.json", "summary.json"]
+    names = {a.path for a in MlflowClient(sqlite_uri).list_artifacts(parent)}
+    assert names == {"summary.json", "extra"}
+
+
+def test_bad_input_fails_at_the_call(sqlite_uri: str) -> None:
+    with Tracker(sqlite_uri, "bad") as tr:
+        run = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        with pytest.raises(ValueError, match="metric name"):
+            tr.log_metrics(run, {"bad key!": 1.0}, 0)
+        with pytest.raises(ValueError, match="status"):
+            tr.end_run(run, "DONE")
+    with pytest.raises(TrackingError, match="closed"):
+        tr.log_metrics(run, {"x": 1.0}, 0)
+
+
+def test_unreachable_server_fails_fast() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        Tracker(uri, "nowhere")
+    assert time.monotonic() - t0 < 15
+    msg = str(err.value)
+    assert msg.startswith(f"cannot reach MLflow tracking server at {uri}: ")
+    assert "--tracking-uri sqlite:///" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.slow
+def test_server_outage_loses_nothing(mlflow_server: MlflowServer, caplog: pytest.LogCaptureFixture) -> None:
+    mlflow_server.ensure_running()
+    caplog.set_level(logging.WARNING, logger="orchestrator.tracking")
+    tr = Tracker(mlflow_server.uri, f"outage-{uuid.uuid4().hex[:8]}", flush_interval_s=0.1, retry_max_s=300)
+    parent = tr.start_parent("p", {"lr": 0.1}, {"mfsweep.sweep_key": "outage"})
+    kids = [tr.start_child(parent, f"n{i}", f"n{i}", {"w": i}, {}) for i in range(5)]
+    log_grid(tr, kids, range(50))
+    tr.flush(timeout=60)
+
+    mlflow_server.kill()
+    t0 = time.monotonic()
+    log_grid(tr, kids, range(50, 120))
+    for kid in kids:
+        tr.end_run(kid)
+    assert time.monotonic() - t0 < 2.0  # logging never waits for the dead server
+    deadline = time.monotonic() + 20
+    while tr.stats.retries < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tr.stats.retries >= 2
+    assert tr.stats.pending == 5 * 3 * 70
+    with pytest.raises(TrackingError, match="timed out"):
+        tr.flush(timeout=0.5)
+
+    mlflow_server.start()
+    tr.flush(timeout=120)
+    tr.close()
+    assert (tr.stats.points_logged, tr.stats.pending, tr.stats.points_lost) == (5 * 3 * 120, 0, 0)
+    outage_warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(outage_warnings) == 1
+    assert "\n" not in outage_warnings[0].getMessage()
+
+    client = MlflowClient(mlflow_server.uri)
+    for i, kid in enumerate(kids):
+        assert_history(client, kid, i, range(120))
+        assert client.get_run(kid).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_gives_up_after_retry_max_s(mlflow_server: MlflowServer) -> None:
+    mlflow_server.ensure_running()
+    tr = Tracker(mlflow_server.uri, f"giveup-{uuid.uuid4().hex[:8]}", flush_interval_s=0.05, retry_max_s=1.5)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "giveup"})
+    tr.log_metrics(parent, {"a": 1.0}, 0)
+    tr.flush(timeout=30)
+    mlflow_server.kill()
+    for step in range(1, 11):
+        tr.log_metrics(parent, {"a": float(step)}, step)
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match="10 metric points were not written"):
+        tr.flush(timeout=60)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(TrackingError, match="gave up"):
+        tr.log_metrics(parent, {"a": 0.0}, 99)
+    with pytest.raises(TrackingError, match="gave up"):
+        tr.close()
+    assert tr.stats.points_lost == 10

@@ -1,0 +1,74 @@
+"""The worker around the engine: trains packs and streams their reports; wrapped as a Ray actor.
+
+:class:`PackRunner` is a plain class (used in-process by the local pool); :data:`PackWorker` is the same
+class as a Ray actor, one per GPU or per CPU slot, reused across packs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+import torch
+
+from .engine import Pack
+from .jobs import PackEvent, PackJob, WorkerInfo
+
+
+def _ram_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class PackRunner:
+    """Trains packs on one device. Invariant: a job whose checkpoint exists resumes from it."""
+
+    def __init__(self, device: str = "auto", threads: int | None = None, slots_per_node: int = 1) -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("execution.device=cuda but this worker sees no GPU; use --device cpu or auto")
+        self.device = torch.device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.slots_per_node = max(1, slots_per_node)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def info(self) -> WorkerInfo:
+        if self.device.type == "cuda":
+            mem = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            mem = _ram_bytes() // self.slots_per_node
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+        return WorkerInfo(self.name, node, str(self.device), int(mem))
+
+    def train(self, job: PackJob) -> Iterator[PackEvent]:
+        """Train ``job`` to the end, yielding every report; checkpoint every ``checkpoint_every`` steps."""
+        t0 = time.perf_counter()
+        ck = Path(job.checkpoint) if job.checkpoint else None
+        if ck is not None and ck.exists():
+            pack = Pack.load(ck, device=self.device)
+        else:
+            pack = Pack(job.task, job.model, job.dynamics, job.networks, data_seed=job.data_seed,
+                        device=self.device, dtype=getattr(torch, job.dtype))
+        start = pack.step
+        last_saved = start
+        for report in pack.train():
+            if ck is not None and (report.done or report.step - last_saved >= job.checkpoint_every):
+                # Save before the report leaves: whatever the driver has seen is covered by a checkpoint.
+                pack.save(ck)
+                last_saved = report.step
+            yield PackEvent(job.pack_id, report, self.name, start, time.perf_counter() - t0)
+
+    def ping(self) -> str:
+        return self.name
+
+
+# A Ray actor per GPU or CPU slot; options (num_gpus, num_cpus) are set by the pool.
+PackWorker = ray.remote(PackRunner)

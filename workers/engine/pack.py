@@ -1,0 +1,630 @@
+"""A pack: many mean-field networks trained together as one cloud of particles.
+
+Layout. Networks of equal width form a *group* whose particles are dense batched tensors, z (S, n, d),
+b (S, n), c (S, n, k): every step is a handful of batched matmuls per group (``baddbmm``/``bmm``) on one
+shared batch, with hand-derived gradients, so a sweep of W widths x S seeds costs O(W) kernel launches a
+step instead of O(W S) and never needs segment sums, atomics or autograd graphs. Networks never share a
+reduction, so each network's numbers are independent of its pack-mates (a NaN stays in its own row).
+
+Dynamics of a network with n particles, time step dt and output scale s (1/n mean-field, n^-1/2 ntk):
+GD/SGD with raw learning rate eta = n dt (mean-field) or dt (ntk) on L = 1/2 E|f_n(x) - f(x)|^2, i.e. each
+particle moves by -eta * grad_theta_i L = -(eta s) E[(f_n - f) grad(c_i phi_i)]; optional Langevin noise
+sqrt(2 dt T) per coordinate; optional birth-death (see :mod:`.birth_death`) using the per-particle
+potential V_i = c_i . E[(f_n - f) phi_i] of the same batch, evaluated before the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import birth_death
+from .rng import DATA_STREAM, NETWORK_STREAM, derive_seed, generator
+from .specs import (
+    Algorithm,
+    DynamicsSpec,
+    ModelSpec,
+    NetStatus,
+    NetworkSpec,
+    Parametrization,
+    RateConvention,
+    Scheme,
+    TaskSpec,
+    Unit,
+    from_dict,
+    to_dict,
+)
+from .tasks import GaussianMixtureTask, Task, make_task
+
+Tensor = torch.Tensor
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class NetMetrics:
+    """Losses of one network at one step. ``train_loss`` is the mean loss of the steps since the last report
+    (None at step 0); under exact energies both losses are the population loss."""
+
+    net_id: int
+    step: int
+    train_loss: float | None
+    test_loss: float
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A network that left its pack, and why."""
+
+    net_id: int
+    step: int
+    status: NetStatus
+    reason: str
+    final_test_loss: float | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a pack emits at each reporting step."""
+
+    step: int
+    metrics: tuple[NetMetrics, ...]
+    retired: tuple[Retired, ...]
+    done: bool
+    bd_events: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """net_id -> (kills, clones) accumulated since the last report."""
+
+
+def uses_exact_energy(task: Task, model: ModelSpec, dynamics: DynamicsSpec) -> bool:
+    """GD on a closed-form task with Gaussian units trains on the exact population energy."""
+    return dynamics.algorithm is Algorithm.GD and task.has_closed_form and model.unit is Unit.GAUSSIAN
+
+
+def check_compatible(task: Task, model: ModelSpec, dynamics: DynamicsSpec) -> None:
+    """Raise a clear ValueError for impossible combinations."""
+    if task.has_closed_form and model.unit is not Unit.GAUSSIAN and not task.samplable:
+        raise ValueError(
+            f"task.kind=gaussian_mixture on Lebesgue measure has a closed-form energy only for gaussian units, "
+            f"not model.unit={model.unit.value}; set model.unit=gaussian or task.measure=gaussian"
+        )
+    if dynamics.algorithm is Algorithm.SGD and not task.samplable and not dynamics.finite_set:
+        if task.has_closed_form:
+            raise ValueError(
+                "sgd needs samples but task.measure=lebesgue cannot be sampled; "
+                "use dynamics.algorithm=gd (exact energy) or task.measure=gaussian"
+            )
+        raise ValueError("this task is a finite dataset: set dynamics.finite_set=true for sgd")
+
+
+class DataStream:
+    """The batches a pack trains on, shared by all its networks; a function of (data_seed, step) only."""
+
+    def __init__(self, task: Task, dynamics: DynamicsSpec, data_seed: int, exact: bool) -> None:
+        self.task = task
+        self.dynamics = dynamics
+        self.exact = exact
+        self.gen = generator(derive_seed(data_seed, DATA_STREAM), task.device)
+
+    def next(self) -> tuple[Tensor, Tensor] | None:
+        """(x (P, d), y (P, k)), or None under the exact energy."""
+        if self.exact:
+            return None
+        if self.dynamics.algorithm is Algorithm.GD:
+            return self.task.train_set()
+        if self.dynamics.finite_set:
+            x, y = self.task.train_set()
+            idx = torch.randint(0, x.shape[0], (self.dynamics.batch_size,), generator=self.gen, device=x.device)
+            return x[idx], y[idx]
+        return self.task.sample(self.dynamics.batch_size, self.gen)
+
+
+def init_particles(
+    task: Task, model: ModelSpec, n: int, gen: torch.Generator, *, prior: bool = False
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Draw n particles (z (n, d), b (n,) or None, c (n, k)) from the initial law (or the birth-death
+    prior), in this order."""
+    d, k = task.dim, task.out_dim
+    dev, dt = task.device, task.dtype
+    init = model.prior if prior and model.prior is not None else model.init
+    if init.z == "uniform":
+        z = init.low + (init.high - init.low) * torch.rand(n, d, generator=gen, device=dev, dtype=dt)
+    else:
+        if init.scale is not None:
+            scale = init.scale
+        elif model.unit.is_ridge:
+            scale = 1.0 / math.sqrt(task.input_sq_norm)
+        else:
+            scale = task.input_std
+        z = init.loc + scale * torch.randn(n, d, generator=gen, device=dev, dtype=dt)
+    b = None
+    if model.unit.is_ridge and model.bias:
+        b = init.bias_std * torch.randn(n, generator=gen, device=dev, dtype=dt)
+    c = init.c_mean + init.c_std * torch.randn(n, k, generator=gen, device=dev, dtype=dt)
+    return z, b, c
+
+
+class _Group:
+    """Networks of one width. Invariant: row r of every tensor belongs to ``specs[r]``."""
+
+    def __init__(self, specs: list[NetworkSpec], z: Tensor, b: Tensor | None, c: Tensor,
+                 gens: list[torch.Generator]) -> None:
+        self.specs = specs
+        self.z, self.b, self.c = z, b, c  # (S, n, d), (S, n) | None, (S, n, k)
+        self.gens = gens
+        self.width = z.shape[1]
+        dev, dt = z.device, z.dtype
+        self.loss_sum = torch.zeros(len(specs), device=dev, dtype=torch.float64)
+        self.bd_kills = torch.zeros(len(specs), device=dev, dtype=torch.long)
+        self.bd_clones = torch.zeros(len(specs), device=dev, dtype=torch.long)
+        self._vectors(dev, dt)
+
+    def _vectors(self, dev: torch.device, dt: torch.dtype) -> None:
+        n = self.width
+        mf = [sp.parametrization is Parametrization.MEAN_FIELD for sp in self.specs]
+        scale = [1.0 / n if m else 1.0 / math.sqrt(n) for m in mf]
+        raw_lr = [sp.lr * n if m else sp.lr for m, sp in zip(mf, self.specs, strict=True)]
+
+        def vec(vals: Sequence[float]) -> Tensor:
+            return torch.tensor(list(vals), device=dev, dtype=dt)
+
+        self.out_scale = vec(scale)  # (S,)
+        self.raw_lr = vec(raw_lr)  # (S,) eta
+        self.move = self.out_scale * self.raw_lr  # (S,) eta * s: dt (mf) or dt / sqrt(n) (ntk)
+        self.dt = vec([sp.lr for sp in self.specs])
+        self.noise = vec([math.sqrt(2 * sp.lr * sp.temperature) for sp in self.specs])
+        self.alpha = vec([sp.bd_rate for sp in self.specs])
+        self.prior = torch.tensor([sp.bd_scheme is Scheme.PRIOR for sp in self.specs], device=dev)
+        self.any_noise = any(sp.temperature > 0 for sp in self.specs)
+        self.any_bd = any(sp.bd_rate > 0 for sp in self.specs)
+
+    @property
+    def ids(self) -> list[int]:
+        return [sp.net_id for sp in self.specs]
+
+    def keep(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, device=self.z.device, dtype=torch.long)
+        self.specs = [self.specs[r] for r in rows]
+        self.gens = [self.gens[r] for r in rows]
+        self.z, self.c = self.z[idx], self.c[idx]
+        self.b = None if self.b is None else self.b[idx]
+        self.loss_sum = self.loss_sum[idx]
+        self.bd_kills, self.bd_clones = self.bd_kills[idx], self.bd_clones[idx]
+        if self.specs:
+            self._vectors(self.z.device, self.z.dtype)
+
+
+class Pack:
+    """Trains a set of networks on one task, one model family and one dynamics, as one particle system.
+
+    Invariants: every running network has exactly ``width`` particles; a network's numbers depend only on
+    its own spec, its own random stream (derived from its ``seed``) and the shared data stream (derived from
+    ``data_seed``), never on its pack-mates; ``step`` counts completed steps of the running networks.
+    """
+
+    def __init__(
+        self,
+        task: TaskSpec,
+        model: ModelSpec,
+        dynamics: DynamicsSpec,
+        networks: Sequence[NetworkSpec],
+        *,
+        data_seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not networks:
+            raise ValueError("a pack needs at least one network")
+        ids = [sp.net_id for sp in networks]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"network ids must be unique within a pack, got duplicates in {ids}")
+        self.task_spec, self.model, self.dynamics = task, model, dynamics
+        self.networks = tuple(networks)
+        self.data_seed = data_seed
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.task = make_task(task, self.device, dtype)
+        check_compatible(self.task, model, dynamics)
+        self.exact = uses_exact_energy(self.task, model, dynamics)
+        self.data = DataStream(self.task, dynamics, data_seed, self.exact)
+        self.step = 0
+        self.retired: dict[int, Retired] = {}
+        self._pending: list[Retired] = []
+        self._steps_since_report = 0
+        self.groups: list[_Group] = []
+        by_width: dict[int, list[NetworkSpec]] = {}
+        for sp in networks:
+            by_width.setdefault(sp.width, []).append(sp)
+        for width in sorted(by_width):
+            specs = by_width[width]
+            gens = [generator(derive_seed(sp.seed, NETWORK_STREAM), self.device) for sp in specs]
+            parts = [init_particles(self.task, model, width, g) for g in gens]
+            z = torch.stack([p[0] for p in parts])
+            b = torch.stack([p[1] for p in parts]) if parts[0][1] is not None else None  # type: ignore[misc]
+            c = torch.stack([p[2] for p in parts])
+            self.groups.append(_Group(specs, z, b, c, gens))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def running(self) -> list[int]:
+        return [i for g in self.groups for i in g.ids]
+
+    @property
+    def done(self) -> bool:
+        return not self.groups
+
+    def _locate(self, net_id: int) -> tuple[_Group, int]:
+        for g in self.groups:
+            if net_id in g.ids:
+                return g, g.ids.index(net_id)
+        raise KeyError(f"network {net_id} is not running in this pack")
+
+    def particles(self, net_id: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Copies of a running network's (z (n, d), b (n,) | None, c (n, k))."""
+        g, r = self._locate(net_id)
+        return g.z[r].clone(), None if g.b is None else g.b[r].clone(), g.c[r].clone()
+
+    def spec(self, net_id: int) -> NetworkSpec:
+        g, r = self._locate(net_id)
+        return g.specs[r]
+
+    # ------------------------------------------------------------------ math
+    def _activations(self, g: _Group, x: Tensor) -> Tensor:
+        """phi(x; z_i) for every particle of the group: (S, P, n)."""
+        s = g.z.shape[0]
+        xs = x.unsqueeze(0).expand(s, -1, -1)  # (S, P, d), a view
+        zt = g.z.transpose(1, 2)  # (S, d, n)
+        unit = self.model.unit
+        if unit is Unit.GAUSSIAN:
+            var = self.model.gaussian_var
+            d = x.shape[1]
+            pre = torch.baddbmm((g.z * g.z).sum(-1).unsqueeze(1), xs, zt, beta=-1.0, alpha=2.0)
+            pre.sub_((x * x).sum(-1).view(1, -1, 1)).mul_(0.5 / var)  # -|x - z|^2 / (2 s^2)
+            pre.add_(-0.5 * d * math.log(2 * math.pi * var))
+            return pre.exp_()
+        pre = torch.bmm(xs, zt) if g.b is None else torch.baddbmm(g.b.unsqueeze(1), xs, zt)
+        if unit is Unit.RELU:
+            return pre.relu_()
+        if unit is Unit.TANH:
+            return pre.tanh_()
+        return pre.sigmoid_()
+
+    def _predict_group(self, g: _Group, x: Tensor) -> Tensor:
+        h = self._activations(g, x)
+        return torch.bmm(h, g.c) * g.out_scale.view(-1, 1, 1)  # (S, P, k)
+
+    def _sampled_step(self, g: _Group, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Hand-derived gradient step on a batch; returns (batch losses (S,), potentials V (S, n))."""
+        p = x.shape[0]
+        h = self._activations(g, x)  # (S, P, n)
+        out = torch.bmm(h, g.c) * g.out_scale.view(-1, 1, 1)  # (S, P, k)
+        err = out - y.unsqueeze(0)
+        loss = 0.5 * err.square().sum((1, 2)) / p
+        r = err.div_(p)  # (S, P, k): dL/df per sample, times the output scale later
+        hr = torch.bmm(h.transpose(1, 2), r)  # (S, n, k) = E[(f_n - f) phi_i]
+        potential = (g.c * hr).sum(-1)  # (S, n)
+        gh = torch.bmm(r, g.c.transpose(1, 2))  # (S, P, n) = (f_n - f) . c_i
+        unit = self.model.unit
+        if unit is Unit.RELU:
+            gh = torch.ops.aten.threshold_backward(gh, h, 0.0)
+        elif unit is Unit.TANH:
+            gh = torch.ops.aten.tanh_backward(gh, h)
+        elif unit is Unit.SIGMOID:
+            gh = torch.ops.aten.sigmoid_backward(gh, h)
+        else:
+            gh.mul_(h)
+        del h
+        move = g.move.view(-1, 1, 1)
+        gz = torch.bmm(gh.transpose(1, 2), x.unsqueeze(0).expand(gh.shape[0], -1, -1))  # (S, n, d)
+        gsum = gh.sum(1)  # (S, n)
+        if unit is Unit.GAUSSIAN:
+            gz = (gz - g.z * gsum.unsqueeze(-1)) / self.model.gaussian_var  # d phi / d y = phi (x - y) / s^2
+        elif g.b is not None:
+            g.b.sub_(move.view(-1, 1) * gsum)
+        g.z.sub_(move * gz)
+        g.c.sub_(move * hr)
+        return loss, potential
+
+    def _energy(self, g: _Group, z: Tensor, c: Tensor) -> Tensor:
+        """Exact population loss per network (S,): C_f - s sum c F + s^2/2 sum c c K."""
+        assert isinstance(self.task, GaussianMixtureTask)
+        f_terms, kern, c_f = self.task.energy_terms(z, self.model.gaussian_var)
+        c1 = c[..., 0]  # the closed-form task is scalar-valued
+        s = g.out_scale
+        lin = (c1 * f_terms).sum(-1)
+        quad = (c1 * torch.bmm(kern, c1.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        return c_f - s * lin + 0.5 * s * s * quad
+
+    def _exact_step(self, g: _Group) -> tuple[Tensor, Tensor]:
+        """Gradient step on the exact energy (hand-derived gradients; autograd is the test oracle)."""
+        assert isinstance(self.task, GaussianMixtureTask)
+        c1 = g.c[..., 0]
+        energy, gy, gc = self.task.energy_grad(g.z, c1, g.out_scale, self.model.gaussian_var)
+        # V_i = c_i dL/dc_i / s (the first variation of the energy at particle i).
+        potential = c1 * gc / g.out_scale.view(-1, 1)
+        lr = g.raw_lr.view(-1, 1)
+        g.z.sub_(lr.unsqueeze(-1) * gy)
+        g.c.sub_((lr * gc).unsqueeze(-1))
+        return energy, potential
+
+    def _langevin(self, g: _Group) -> None:
+        for r, (sp, gen) in enumerate(zip(g.specs, g.gens, strict=True)):
+            if sp.temperature <= 0:
+                continue
+            std = float(g.noise[r])
+            g.z[r].add_(torch.randn(g.z[r].shape, generator=gen, device=g.z.device, dtype=g.z.dtype), alpha=std)
+            if g.b is not None:
+                g.b[r].add_(torch.randn(g.b[r].shape, generator=gen, device=g.z.device, dtype=g.z.dtype),
+                            alpha=std)
+            g.c[r].add_(torch.randn(g.c[r].shape, generator=gen, device=g.z.device, dtype=g.z.dtype), alpha=std)
+
+    def _birth_death(self, g: _Group, potential: Tensor) -> None:
+        rows = [r for r, sp in enumerate(g.specs) if sp.bd_rate > 0]
+        if not rows:
+            return
+        n = g.width
+        idx = torch.tensor(rows, device=g.z.device)
+        uniforms = torch.stack(
+            [torch.rand(4, n, generator=g.gens[r], device=g.z.device, dtype=g.z.dtype) for r in rows]
+        )
+        res = birth_death.resample(
+            potential[idx].to(g.z.dtype),
+            (g.alpha[idx], g.dt[idx], self.dynamics.bd_every,
+             self.dynamics.bd_convention is RateConvention.PER_TIME),
+            uniforms,
+            g.prior[idx],
+        )
+        src = res.source
+        d, k = g.z.shape[2], g.c.shape[2]
+        z_new = torch.gather(g.z[idx], 1, src.unsqueeze(-1).expand(-1, -1, d))
+        c_new = torch.gather(g.c[idx], 1, src.unsqueeze(-1).expand(-1, -1, k))
+        b_new = None if g.b is None else torch.gather(g.b[idx], 1, src)
+        if bool(g.prior[idx].any()):
+            for j, r in enumerate(rows):
+                if g.specs[r].bd_scheme is not Scheme.PRIOR:
+                    continue
+                slots = res.fresh[j].nonzero().squeeze(1)
+                if slots.numel() == 0:
+                    continue
+                fz, fb, _ = init_particles(self.task, self.model, int(slots.numel()), g.gens[r], prior=True)
+                z_new[j, slots] = fz
+                if b_new is not None and fb is not None:
+                    b_new[j, slots] = fb
+                c_new[j, slots] = 0.0
+        g.z[idx], g.c[idx] = z_new, c_new
+        if g.b is not None and b_new is not None:
+            g.b[idx] = b_new
+        g.bd_kills[idx] += res.kills
+        g.bd_clones[idx] += res.clones
+
+    def _bd_active(self) -> bool:
+        d = self.dynamics
+        return self.step < d.steps - d.bd_quench and self.step % d.bd_every == 0
+
+    def step_once(self) -> None:
+        """One step of every running network."""
+        batch = self.data.next()
+        bd_now = self._bd_active()
+        for g in self.groups:
+            if batch is None:
+                loss, potential = self._exact_step(g)
+            else:
+                loss, potential = self._sampled_step(g, batch[0], batch[1])
+            g.loss_sum += loss.to(torch.float64)
+            if g.any_noise:
+                self._langevin(g)
+            if bd_now and g.any_bd:
+                self._birth_death(g, potential)
+        self.step += 1
+        self._steps_since_report += 1
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def test_losses(self) -> dict[int, float]:
+        """Held-out loss of every running network (exact population loss where closed form)."""
+        out: dict[int, float] = {}
+        for g in self.groups:
+            vals = self._group_test_loss(g)
+            out.update(zip(g.ids, vals.tolist(), strict=True))
+        return out
+
+    def _group_test_loss(self, g: _Group) -> Tensor:
+        if self.task.has_closed_form and self.model.unit is Unit.GAUSSIAN:
+            return self._energy(g, g.z, g.c).to(torch.float64)
+        x, y = self.task.test_set()
+        s, n = g.z.shape[:2]
+        chunk = max(1, min(x.shape[0], (1 << 24) // max(1, s * n)))
+        total = torch.zeros(s, device=x.device, dtype=torch.float64)
+        for i in range(0, x.shape[0], chunk):
+            err = self._predict_group(g, x[i : i + chunk]) - y[i : i + chunk].unsqueeze(0)
+            total += err.square().sum((1, 2)).to(torch.float64)
+        return 0.5 * total / x.shape[0]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> dict[int, Tensor]:
+        """f_n(x) (P, k) of every running network."""
+        out: dict[int, Tensor] = {}
+        for g in self.groups:
+            pred = self._predict_group(g, x.to(self.device, self.dtype))
+            out.update({i: pred[r] for r, i in enumerate(g.ids)})
+        return out
+
+    # ------------------------------------------------------------------ life cycle
+    def retire(self, net_id: int, status: NetStatus, reason: str, final_test_loss: float | None = None) -> None:
+        """Remove a running network; its pack-mates are untouched."""
+        g, r = self._locate(net_id)
+        g.keep([i for i in range(len(g.specs)) if i != r])
+        self.groups = [gg for gg in self.groups if gg.specs]
+        rec = Retired(net_id, self.step, status, reason, final_test_loss)
+        self.retired[net_id] = rec
+        self._pending.append(rec)
+
+    def report(self) -> Report:
+        """Losses of every running network now; retires diverged (and, at the end, finished) networks."""
+        with torch.no_grad():
+            metrics: list[NetMetrics] = []
+            events: dict[int, tuple[int, int]] = {}
+            diverged: list[tuple[int, float]] = []
+            for g in list(self.groups):
+                test = self._group_test_loss(g).tolist()
+                train = (g.loss_sum / max(1, self._steps_since_report)).tolist()
+                kills, clones = g.bd_kills.tolist(), g.bd_clones.tolist()
+                for r, nid in enumerate(g.ids):
+                    tr = train[r] if self._steps_since_report else None
+                    metrics.append(NetMetrics(nid, self.step, tr, test[r]))
+                    if g.specs[r].bd_rate > 0:
+                        events[nid] = (kills[r], clones[r])
+                    worst = max(test[r], tr if tr is not None else 0.0)
+                    if not math.isfinite(worst) or worst > self.dynamics.diverge_threshold:
+                        diverged.append((nid, worst))
+                g.loss_sum.zero_()
+                g.bd_kills.zero_()
+                g.bd_clones.zero_()
+            self._steps_since_report = 0
+            for nid, worst in diverged:
+                self.retire(nid, NetStatus.DIVERGED,
+                            f"loss {worst:.3g} at step {self.step} (lower dynamics.lr)", None)
+            finished = self.step >= self.dynamics.steps
+            if finished:
+                last = {m.net_id: m.test_loss for m in metrics}
+                for nid in list(self.running):
+                    self.retire(nid, NetStatus.FINISHED, "completed", last[nid])
+            rec = Report(self.step, tuple(metrics), tuple(self._pending), self.done, events)
+            self._pending = []
+            return rec
+
+    def train(self) -> Iterator[Report]:
+        """Run to the end, yielding a report at step 0 (unless resumed), every ``eval_every`` steps and at the
+        last step. A consumer may call :meth:`retire` or :meth:`save` between reports."""
+        if self.step == 0 and not self.done:
+            yield self.report()
+        while not self.done and self.step < self.dynamics.steps:
+            self.step_once()
+            if self.step % self.dynamics.eval_every == 0 or self.step >= self.dynamics.steps:
+                yield self.report()
+        if self._pending:
+            yield Report(self.step, (), tuple(self._pending), True)
+            self._pending = []
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Full state: particles, accumulators, step, every random stream, and the specs (as JSON)."""
+        meta = {
+            "task": to_dict(self.task_spec),
+            "model": to_dict(self.model),
+            "dynamics": to_dict(self.dynamics),
+            "networks": [to_dict(sp) for sp in self.networks],
+            "data_seed": self.data_seed,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "retired": [
+                {**to_dict(rec), "status": rec.status.value} for rec in self.retired.values()
+            ],
+        }
+        groups = []
+        for g in self.groups:
+            groups.append({
+                "ids": torch.tensor(g.ids),
+                "z": g.z.cpu(), "b": None if g.b is None else g.b.cpu(), "c": g.c.cpu(),
+                "loss_sum": g.loss_sum.cpu(), "bd_kills": g.bd_kills.cpu(), "bd_clones": g.bd_clones.cpu(),
+                "gens": [gen.get_state() for gen in g.gens],
+            })
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "meta": json.dumps(meta),
+            "step": self.step,
+            "steps_since_report": self._steps_since_report,
+            "data_gen": self.data.gen.get_state(),
+            "groups": groups,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the state atomically (a crash mid-write leaves the previous checkpoint intact)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Pack:
+        """Rebuild a pack from :meth:`save`; continuing it equals an uninterrupted run (bit for bit on CPU)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
+        meta = json.loads(state["meta"])
+        pack = cls(
+            from_dict(TaskSpec, meta["task"]),
+            from_dict(ModelSpec, meta["model"]),
+            from_dict(DynamicsSpec, meta["dynamics"]),
+            [from_dict(NetworkSpec, sp) for sp in meta["networks"]],
+            data_seed=meta["data_seed"],
+            device=device,
+            dtype=getattr(torch, meta["dtype"]),
+        )
+        pack.load_state_dict(state, meta)
+        return pack
+
+    def load_state_dict(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        dev = self.device
+        specs = {sp.net_id: sp for sp in self.networks}
+        self.groups = []
+        for gs in state["groups"]:
+            ids = [int(i) for i in gs["ids"].tolist()]
+            gens = []
+            for st in gs["gens"]:
+                gen = torch.Generator(device=dev)
+                gen.set_state(st)
+                gens.append(gen)
+            b = None if gs["b"] is None else gs["b"].to(dev)
+            g = _Group([specs[i] for i in ids], gs["z"].to(dev), b, gs["c"].to(dev), gens)
+            g.loss_sum = gs["loss_sum"].to(dev)
+            g.bd_kills, g.bd_clones = gs["bd_kills"].to(dev), gs["bd_clones"].to(dev)
+            self.groups.append(g)
+        self.step = int(state["step"])
+        self._steps_since_report = int(state["steps_since_report"])
+        self.data.gen.set_state(state["data_gen"])
+        self.retired = {}
+        for rec in meta["retired"]:
+            self.retired[rec["net_id"]] = Retired(
+                rec["net_id"], rec["step"], NetStatus(rec["status"]), rec["reason"], rec["final_test_loss"]
+            )
+
+
+def estimate_pack_bytes(
+    widths: Sequence[int],
+    *,
+    batch: int,
+    dim: int,
+    out_dim: int = 1,
+    dtype: torch.dtype = torch.float32,
+    exact: bool = False,
+    n_test: int = 4096,
+) -> int:
+    """Peak memory of a pack of networks with these widths (one entry per network), in bytes.
+
+    Parameters and their copies live for the whole run; the (S, P, n) activation buffers (two per group,
+    plus a (S, P, k) output) and, under exact energies, the (S, n, n) kernel are per group and freed before
+    the next group, so the peak holds the largest group's buffers. The test evaluation is chunked to at
+    most 2^24 activations.
+    """
+    if any(w < 1 for w in widths):
+        raise ValueError("widths must be positive")
+    item = torch.finfo(dtype).bits // 8
+    by_width: dict[int, int] = {}
+    for w in widths:
+        by_width[w] = by_width.get(w, 0) + 1
+    params = sum(w * (dim + 1 + out_dim) for w in widths) * 3  # params, gradients, birth-death copies
+    per_group = []
+    for w, s in by_width.items():
+        act = 2 * s * batch * w + s * batch * out_dim
+        if exact:
+            act = 3 * s * w * w + 2 * s * w * (dim + out_dim)
+        per_group.append(act)
+    eval_chunk = min(1 << 24, max(by_width.values()) * max(by_width) * n_test) * 2
+    data = batch * (dim + out_dim) * 2
+    return item * (params + max(per_group) + eval_chunk + data)

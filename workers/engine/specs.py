@@ -1,0 +1,288 @@
+"""Frozen, validated specifications of what the engine trains.
+
+These records cross process boundaries (driver -> Ray actor -> checkpoint file), so they are plain frozen
+dataclasses of builtins and enums, serialisable with :func:`to_dict` / :func:`from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+
+class Unit(str, enum.Enum):
+    """Unit type phi(x; z). Ridge units use z = (w, b); ``gaussian`` uses a centre y and a fixed width s."""
+
+    RELU = "relu"
+    TANH = "tanh"
+    SIGMOID = "sigmoid"
+    GAUSSIAN = "gaussian"
+
+    @property
+    def is_ridge(self) -> bool:
+        return self is not Unit.GAUSSIAN
+
+
+class Parametrization(str, enum.Enum):
+    """Output scaling. ``mean_field``: f = (1/n) sum c phi, raw lr = n*dt. ``ntk``: f = n^-1/2 sum c phi, raw lr = dt."""
+
+    MEAN_FIELD = "mean_field"
+    NTK = "ntk"
+
+
+class Algorithm(str, enum.Enum):
+    """``gd``: exact population energy where closed form, else a fixed training set. ``sgd``: mini-batches."""
+
+    GD = "gd"
+    SGD = "sgd"
+
+
+class Scheme(str, enum.Enum):
+    """Birth-death rebalancing: ``clone`` copies uniform survivors; ``prior`` re-injects fresh prior draws (c = 0)."""
+
+    CLONE = "clone"
+    PRIOR = "prior"
+
+
+class RateConvention(str, enum.Enum):
+    """How alpha becomes a probability.
+
+    ``per_time`` (default, ICML 2019 paper): p = 1 - exp(-alpha |beta| dt k) where k is the birth-death
+    period in steps, so alpha is a rate in the particle ODE's time units and does not depend on dt or k.
+    ``per_step`` (the authors' notebooks): p = min(1, alpha |beta|) each time birth-death is applied.
+    """
+
+    PER_TIME = "per_time"
+    PER_STEP = "per_step"
+
+
+class InputDist(str, enum.Enum):
+    GAUSSIAN = "gaussian"
+    SPHERE = "sphere"
+
+
+class Measure(str, enum.Enum):
+    """Input measure of the Gaussian-mixture task: Lebesgue on R^d (exact energy only) or N(0, std^2 I)."""
+
+    LEBESGUE = "lebesgue"
+    GAUSSIAN = "gaussian"
+
+
+class TaskKind(str, enum.Enum):
+    TEACHER = "teacher"
+    GAUSSIAN_MIXTURE = "gaussian_mixture"
+    SPHERICAL_3SPIN = "spherical_3spin"
+    DIGITS = "digits"
+
+
+class NetStatus(str, enum.Enum):
+    """Life cycle of one network inside a pack."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    DIVERGED = "diverged"
+    PRUNED = "pruned"
+    FAILED = "failed"
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One term a * N(x; mean, var I) of a Gaussian-mixture target."""
+
+    weight: float
+    mean: tuple[float, ...]
+    var: float
+
+    def __post_init__(self) -> None:
+        _require(self.var > 0, f"mixture component variance must be > 0, got {self.var}; set a positive 'var'")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A target function with its input measure; everything random derives from ``seed``."""
+
+    kind: TaskKind = TaskKind.TEACHER
+    dim: int = 16
+    """Input dimension d."""
+    seed: int = 0
+    """Seeds the task itself (teacher weights, 3-spin couplings, test set, data split)."""
+    out_dim: int = 1
+    """Output dimension k of the teacher (digits: fixed to 10, others 1)."""
+    teacher_units: int = 10
+    """Number of ReLU units of the teacher (kind=teacher)."""
+    inputs: InputDist = InputDist.SPHERE
+    """Input distribution of teacher and 3-spin tasks (3-spin is always on the sphere)."""
+    n_train: int = 4096
+    """Size of the fixed training set (gd without closed form, and sgd with finite_set=True)."""
+    n_test: int = 4096
+    """Held-out samples for the test loss (ignored where the population loss is exact)."""
+    components: tuple[Component, ...] = ()
+    """Gaussian-mixture target; empty means SCIENCE.md example A (1-D)."""
+    measure: Measure = Measure.LEBESGUE
+    measure_std: float = 2.0
+    """Std of the Gaussian input measure (measure=gaussian)."""
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 1, f"task.dim must be >= 1, got {self.dim}")
+        _require(self.out_dim >= 1, f"task.out_dim must be >= 1, got {self.out_dim}")
+        _require(self.teacher_units >= 1, f"task.teacher_units must be >= 1, got {self.teacher_units}")
+        _require(self.n_train >= 1, f"task.n_train must be >= 1, got {self.n_train}")
+        _require(self.n_test >= 1, f"task.n_test must be >= 1, got {self.n_test}")
+        _require(self.measure_std > 0, f"task.measure_std must be > 0, got {self.measure_std}")
+        for comp in self.components:
+            _require(
+                len(comp.mean) == self.dim,
+                f"mixture component mean has {len(comp.mean)} entries but task.dim is {self.dim}",
+            )
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """Initial particle law mu_0 (also the prior mu_b of the ``prior`` birth-death scheme)."""
+
+    z: str = "normal"
+    """``normal``: w (or centre) ~ N(loc, scale^2 I); ``uniform``: ~ U[low, high]^d."""
+    loc: float = 0.0
+    scale: float | None = None
+    """None = automatic: 1/sqrt(E|x|^2) for ridge units, the task's input std for Gaussian units."""
+    low: float = -2.0
+    high: float = 2.0
+    c_mean: float = 0.0
+    c_std: float = 1.0
+    bias_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.z in ("normal", "uniform"), f"model.init.z must be 'normal' or 'uniform', got {self.z!r}")
+        _require(self.scale is None or self.scale >= 0, f"model.init.scale must be >= 0, got {self.scale}")
+        _require(self.low < self.high, f"model.init.low ({self.low}) must be < high ({self.high})")
+        _require(self.c_std >= 0 and self.bias_std >= 0, "model.init.c_std and bias_std must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Pack-wide architecture: every network of a pack shares the unit type (one kernel per group)."""
+
+    unit: Unit = Unit.RELU
+    bias: bool = True
+    """Ridge units only: phi = act(w.x + b) with or without b."""
+    gaussian_var: float = 0.5
+    """Variance s^2 of Gaussian units N(x; y, s^2 I)."""
+    init: InitSpec = field(default_factory=InitSpec)
+    prior: InitSpec | None = None
+    """Law mu_b of fresh particles for the ``prior`` birth-death scheme (None = the initial law). A broad
+    prior is what lets the cloud escape a bad initialization."""
+
+    def __post_init__(self) -> None:
+        _require(self.gaussian_var > 0, f"model.gaussian_var must be > 0, got {self.gaussian_var}")
+
+
+@dataclass(frozen=True)
+class DynamicsSpec:
+    """Pack-wide dynamics: step count, batch and the birth-death schedule are shared by the pack."""
+
+    algorithm: Algorithm = Algorithm.SGD
+    steps: int = 1000
+    batch_size: int = 256
+    """SGD mini-batch P (shared by every network of the pack)."""
+    finite_set: bool = False
+    """SGD only: draw batches from the fixed training set instead of fresh samples (online SGD)."""
+    eval_every: int = 50
+    """Report train/test losses every this many steps (and at step 0 and the last step)."""
+    bd_every: int = 1
+    """Apply birth-death every this many steps."""
+    bd_quench: int = 0
+    """Last steps run as plain GD/SGD (no birth-death)."""
+    bd_convention: RateConvention = RateConvention.PER_TIME
+    diverge_threshold: float = 1e8
+    """A network whose loss is non-finite or above this is retired as diverged."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"dynamics.steps must be >= 1, got {self.steps}")
+        _require(self.batch_size >= 1, f"dynamics.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.eval_every >= 1, f"dynamics.eval_every must be >= 1, got {self.eval_every}")
+        _require(self.bd_every >= 1, f"dynamics.birth_death.every must be >= 1, got {self.bd_every}")
+        _require(self.bd_quench >= 0, f"dynamics.birth_death.quench must be >= 0, got {self.bd_quench}")
+        _require(self.diverge_threshold > 0, "dynamics.diverge_threshold must be > 0")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One network of a pack: its width, random stream and per-network hyperparameters."""
+
+    net_id: int
+    """Unique within a sweep; names the network in metrics and checkpoints."""
+    width: int
+    seed: int
+    """Seeds this network's own stream (init, Langevin noise, birth-death draws)."""
+    lr: float = 0.05
+    """Time step dt of the particle ODE (raw learning rate n*dt under mean-field, dt under ntk)."""
+    parametrization: Parametrization = Parametrization.MEAN_FIELD
+    temperature: float = 0.0
+    """Langevin temperature 1/beta: noise sqrt(2 dt / beta) per coordinate and step."""
+    bd_rate: float = 0.0
+    """Birth-death rate alpha (0 = off)."""
+    bd_scheme: Scheme = Scheme.CLONE
+
+    def __post_init__(self) -> None:
+        _require(self.width >= 1, f"network width must be a positive integer, got {self.width}")
+        _require(
+            math.isfinite(self.lr) and self.lr > 0, f"learning rate (dt) must be finite and > 0, got {self.lr}"
+        )
+        _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _require(self.bd_rate >= 0, f"birth-death rate must be >= 0, got {self.bd_rate}")
+
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON-able form of a spec (enums become their values)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Inverse of :func:`to_dict` for the specs of this module (unknown keys are errors)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    _require(not unknown, f"unknown keys for {cls.__name__}: {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    import typing
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        return None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value)
+    if origin is tuple:
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v) for v in value)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value) if len(non_none) == 1 else value
+    return value

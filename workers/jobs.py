@@ -1,0 +1,49 @@
+"""Records exchanged between the driver and the workers (frozen, picklable, no magic-key dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .engine import DynamicsSpec, ModelSpec, NetworkSpec, Report, TaskSpec
+
+
+@dataclass(frozen=True)
+class PackJob:
+    """One pack to train. Invariant: retrying a job resumes from ``checkpoint`` when that file exists."""
+
+    pack_id: str
+    task: TaskSpec
+    model: ModelSpec
+    dynamics: DynamicsSpec
+    networks: tuple[NetworkSpec, ...]
+    data_seed: int
+    dtype: str = "float32"
+    checkpoint: str | None = None
+    """Path (shared by all nodes) of this pack's checkpoint file."""
+    checkpoint_every: int = 200
+
+    @property
+    def cost(self) -> float:
+        """Work in particle-steps (what the progress bar counts)."""
+        return float(sum(sp.width for sp in self.networks) * self.dynamics.steps)
+
+
+@dataclass(frozen=True)
+class PackEvent:
+    """A report of a pack, tagged with where and when it ran."""
+
+    pack_id: str
+    report: Report
+    worker: str
+    resumed_from: int
+    """Step the pack started from in this attempt (0 = fresh)."""
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker: str
+    node: str
+    device: str
+    memory_bytes: int
+    """Device memory one pack may plan against (GPU memory, or this worker's share of the node's RAM)."""
