@@ -87,8 +87,9 @@ def _scaling(args: argparse.Namespace, console: Console) -> int:
         console.print(f"resuming {out}")
     ScalingSweep(cfg, out, tracking_uri=args.tracking_uri, address=args.address, console=console,
                  progress=not args.no_progress).run()
-    console.print(f"done: {out}/summary.json; browse with: mlflow ui --backend-store-uri "
-                  f"sqlite:///{(out / 'mlflow.db').resolve()}" if not args.tracking_uri else f"done: {out}")
+    browse = (f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"
+              if not args.tracking_uri else f"mlflow ui / {args.tracking_uri}")
+    console.print(f"done: {out}/summary.json; browse with: {browse}", soft_wrap=True)
     return 0
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,10 @@ class Pool(ABC):
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
             stop: threading.Event | None = None) -> list[JobFailure]: ...
 
+    @abstractmethod
+    def request_retire(self, pack_id: str, net_id: int, status: str = "pruned", reason: str = "pruned") -> None:
+        """Drop one network from a running pack at its next report (pruning); a no-op once it ended."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -72,6 +77,9 @@ class LocalPool(Pool):
         self.runner = PackRunner(device)
         self.workers = [self.runner.info()]
         self.max_retries = max_retries
+
+    def request_retire(self, pack_id: str, net_id: int, status: str = "pruned", reason: str = "pruned") -> None:
+        self.runner.request_retire(pack_id, net_id, status, reason)
 
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
             stop: threading.Event | None = None) -> list[JobFailure]:
@@ -123,6 +131,7 @@ class RayPool(Pool):
         nodes = max(1, len([nd for nd in ray.nodes() if nd.get("Alive")]))
         self._slots = max(1, n // nodes)
         self._actor_id = 0
+        self._running: dict[str, ray.actor.ActorHandle] = {}
         self.actors = [self._new_actor() for _ in range(n)]
         try:
             self.workers = ray.get([a.info.remote() for a in self.actors], timeout=120)
@@ -130,6 +139,11 @@ class RayPool(Pool):
             raise PoolError(f"{n} Ray workers did not start within 120 s; the cluster lacks resources "
                             f"(asked {'1 GPU' if self.use_gpu else f'{cpus_per_worker} CPU'} each); "
                             "lower execution.workers") from None
+
+    def request_retire(self, pack_id: str, net_id: int, status: str = "pruned", reason: str = "pruned") -> None:
+        actor = self._running.get(pack_id)
+        if actor is not None:
+            actor.request_retire.remote(pack_id, net_id, status, reason)
 
     def _new_actor(self) -> ray.actor.ActorHandle:
         self._actor_id += 1
@@ -168,6 +182,7 @@ class RayPool(Pool):
                     job, attempt = todo.get(timeout=0.2)
                 except queue.Empty:
                     continue
+                self._running[job.pack_id] = actor
                 try:
                     gen = actor.train.options(num_returns="streaming").remote(job)
                     for ref in gen:
@@ -185,9 +200,10 @@ class RayPool(Pool):
                         todo.put((job, attempt + 1))
                     else:
                         finish(JobFailure(job, f"{reason} {attempt + 1} times"))
-                    actor = self._replace(slot)
-                    if actor is None:
+                    replacement = self._replace(slot, lambda: stop.is_set() or remaining[0] == 0)
+                    if replacement is None:
                         return
+                    actor = replacement
                 except ray.exceptions.RayTaskError as err:
                     cause = err.cause if getattr(err, "cause", None) is not None else err
                     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -228,12 +244,20 @@ class RayPool(Pool):
                 failures.append(JobFailure(job, "no live Ray worker left to run it"))
         return failures
 
-    def _replace(self, slot: int) -> ray.actor.ActorHandle | None:
-        """A fresh actor for a dead one (Ray places it on a live node); None when none can start."""
+    def _replace(self, slot: int, idle: Callable[[], bool]) -> ray.actor.ActorHandle | None:
+        """A fresh actor for a dead one (Ray places it on a live node); None when none starts within 60 s
+        or the run no longer needs it (``idle()``)."""
         try:
             actor = self._new_actor()
-            ray.get(actor.ping.remote(), timeout=60)
-        except Exception as err:  # no room left on the cluster
+            ping = actor.ping.remote()
+            deadline = time.monotonic() + 60
+            while not ray.wait([ping], timeout=1.0)[0]:
+                if idle() or time.monotonic() > deadline:
+                    ray.kill(actor)  # drop the pending placement so it never grabs a slot later
+                    log.warning("no room to replace a dead worker; going on with %d fewer", 1)
+                    return None
+            ray.get(ping)
+        except Exception as err:
             log.warning("could not replace a dead worker: %s", err)
             return None
         self.actors[slot] = actor

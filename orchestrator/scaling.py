@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from workers.engine import NetStatus
-from workers.jobs import PackEvent
+from workers.engine import NetMetrics, NetStatus, Pack, Report
+from workers.jobs import PackEvent, PackJob
 
 from . import analysis
 from .config import ScalingConfig, dump
@@ -175,24 +175,26 @@ class ScalingSweep:
     def _on_event(self, ev: PackEvent) -> None:
         rep = ev.report
         for m in rep.metrics:
-            if m.net_id in self.results:
-                continue
-            prev = self.last_step.get(m.net_id, ev.resumed_from if ev.resumed_from else -1)
-            if m.step <= prev:
-                continue  # replayed after a restart from a checkpoint
-            width = self.by_id[m.net_id].spec.width
-            self._advance(width * (m.step - max(prev, 0)))
-            self.last_step[m.net_id] = m.step
-            vals = {"test_loss": m.test_loss}
-            if m.train_loss is not None:
-                vals["train_loss"] = m.train_loss
-            kc = rep.bd_events.get(m.net_id)
-            if kc is not None:
-                vals["bd_kills"], vals["bd_clones"] = float(kc[0]), float(kc[1])
-            self.tracker.log_metrics(self._child(m.net_id), vals, m.step)
-            self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
+            self._log_point(m, rep)
         for r in rep.retired:
             self._record(r.net_id, r.status.value, r.final_test_loss, r.step, r.reason, ev.wall_s)
+
+    def _log_point(self, m: NetMetrics, rep: Report) -> None:
+        prev = self.last_step.get(m.net_id, -1)
+        if m.step <= prev:
+            return  # replayed after a restart from a checkpoint
+        width = self.by_id[m.net_id].spec.width
+        self._advance(width * (m.step - max(prev, 0)))
+        self.last_step[m.net_id] = m.step
+        vals = {"test_loss": m.test_loss}
+        if m.train_loss is not None:
+            vals["train_loss"] = m.train_loss
+        kc = rep.bd_events.get(m.net_id)
+        if kc is not None:
+            vals["bd_kills"], vals["bd_clones"] = float(kc[0]), float(kc[1])
+        # The tracker drops steps MLflow already has, so replays after a crash never log twice.
+        self.tracker.log_metrics(self._child(m.net_id), vals, m.step)
+        self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
 
     def _record(self, net_id: int, status: str, loss: float | None, step: int, reason: str, wall: float) -> None:
         if net_id in self.results:
@@ -205,14 +207,31 @@ class ScalingSweep:
             fh.flush()
             os.fsync(fh.fileno())
         self.results[net_id] = res
-        run = self._child(net_id)
-        final = {"wall_time_s": wall, "final_step": float(step)}
-        if loss is not None:
-            final["final_test_loss"] = loss
-        self.tracker.log_metrics(run, final, step)
-        self.tracker.set_tags(run, {"mfsweep.status": status, "mfsweep.reason": reason[:500]})
-        self.tracker.end_run(run, "FINISHED" if status == NetStatus.FINISHED.value else "FAILED")
-        self._networks_done += 1
+        self._finalize_run(res)
+        self._advance(0.0)
+
+    def _finalize_run(self, res: NetworkResult) -> None:
+        """Final metrics, tags and status of a network's child run (idempotent)."""
+        run = self._child(res.net_id)
+        final = {"wall_time_s": res.wall_s, "final_step": float(res.step)}
+        if res.final_test_loss is not None:
+            final["final_test_loss"] = res.final_test_loss
+        self.tracker.log_metrics(run, final, res.step)
+        self.tracker.set_tags(run, {"mfsweep.status": res.status, "mfsweep.reason": res.reason[:500]})
+        self.tracker.end_run(run, "FINISHED" if res.status == NetStatus.FINISHED.value else "FAILED")
+
+    def _reconcile(self, jobs: list[PackJob]) -> None:
+        """After a crash, re-send what durable records hold for packs that will not run again (their
+        checkpointed reports, their results), so MLflow ends complete; the tracker drops duplicates."""
+        for job in jobs:
+            if not all(sp.net_id in self.results for sp in job.networks):
+                continue  # a pack that runs again replays its own history
+            if job.checkpoint and Path(job.checkpoint).exists():
+                for rep in Pack.read_history(job.checkpoint):
+                    for m in rep.metrics:
+                        self._log_point(m, rep)
+            for sp in job.networks:
+                self._finalize_run(self.results[sp.net_id])
 
     def _advance(self, amount: float) -> None:
         if self._progress is not None:
@@ -225,7 +244,6 @@ class ScalingSweep:
         self.variants = cfg.variant_configs()
         self.tracker = Tracker(self.tracking_uri, cfg.name)
         self._progress: Progress | None = None
-        self._networks_done = len(self.results)
         try:
             self.parent = self.tracker.start_parent(
                 self.out.name, _flatten(cfg.model_dump(mode="json")),
@@ -233,6 +251,9 @@ class ScalingSweep:
                  "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
                  **{f"version.{k}": v for k, v in _versions().items()}})
             self.tracker.log_artifact(self.parent, self.out / "config.yaml")
+            plan_path = self.out / "plan.json"
+            if self.results and plan_path.exists():
+                self._reconcile(load_jobs(plan_path))
             todo = [n for n in self.networks if n.net_id not in self.results]
             stop = threading.Event()
             failures = []
@@ -241,7 +262,6 @@ class ScalingSweep:
                 pool = make_pool(ex.backend, address=self.address, device=ex.device, workers=ex.workers,
                                  cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries)
                 with pool:
-                    plan_path = self.out / "plan.json"
                     if plan_path.exists():
                         jobs = [j for j in load_jobs(plan_path)
                                 if any(sp.net_id not in self.results for sp in j.networks)]
@@ -252,7 +272,7 @@ class ScalingSweep:
                         save_jobs(jobs, plan_path)
                     self.console.print(
                         f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
-                        f"{pool.device} worker(s); MLflow {self.tracking_uri}")
+                        f"{pool.device} worker(s); MLflow {self.tracking_uri}", soft_wrap=True)
                     total = float(sum(self.by_id[sp.net_id].spec.width * j.dynamics.steps
                                       for j in jobs for sp in j.networks if sp.net_id not in self.results))
                     progress = Progress(

@@ -7,10 +7,10 @@ Write paths:
     * ``http(s)://`` tracking servers: ``runs/log-batch`` and ``runs/update`` REST calls with MLflow's own
       request code but without its built-in multi-minute retry loop (our own backoff replaces it, so a
       restarted server is picked up within seconds).
-    * ``sqlite:///`` stores: metric points go straight into MLflow's ``metrics`` / ``latest_metrics`` tables
-      with one bulk statement per write cycle (checked against the reflected schema at start). MLflow's
-      ORM-based ``log_batch`` tops out near 8k points/s on SQLite, below the 10k/s a packed GPU sweep
-      produces. Params, tags and run status still go through ``MlflowClient``.
+    * ``sqlite:///`` and ``postgresql://`` stores: metric points go straight into MLflow's ``metrics`` /
+      ``latest_metrics`` tables with one bulk upsert per write cycle (checked against the reflected schema
+      at start). MLflow's ORM-based ``log_batch`` tops out near 8k points/s on SQLite, below the 10k/s a
+      packed GPU sweep produces. Params, tags and run status still go through ``MlflowClient``.
     * any other store: ``MlflowClient.log_batch``.
 """
 
@@ -39,6 +39,7 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import message_to_json
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 from mlflow.utils.validation import _validate_metric_name
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 __all__ = ["Tracker", "TrackerStats", "TrackingError"]
@@ -53,7 +54,7 @@ PARENT_TAG = "mlflow.parentRunId"
 # MLflow's log_batch limits (mlflow.utils.validation): per call <= 1000 metrics, <= 100 params, <= 100 tags.
 _MAX_METRICS_PER_CALL = 1000
 _MAX_PARAMS_TAGS_PER_CALL = 100
-# Bulk SQL statements are chunked so one write never holds the SQLite lock for long.
+# Bulk SQL statements are chunked so one write never holds the database (SQLite: file) lock for long.
 _SQL_ROWS_PER_TXN = 50_000
 _HTTP_TIMEOUT_S = 60
 _PROBE_TIMEOUT_S = 5
@@ -67,6 +68,9 @@ _PERMANENT_CODES = frozenset({
     "FEATURE_DISABLED", "MALFORMED_REQUEST",
 })
 _MAX_DOUBLE = 1.7976931348623157e308
+# SQL dialects whose INSERT ... ON CONFLICT the bulk path uses.
+_BULK_DIALECTS: dict[str, Callable[[sa.Table], Any]] = {
+    "sqlite": sqlite_insert, "postgresql": postgresql_insert}
 
 
 class TrackingError(RuntimeError):
@@ -129,7 +133,6 @@ class _Segment:
     tags: dict[str, dict[str, str]]
     points: list[_MetricsOp]
     ends: dict[str, _EndOp]
-    n_points: int = 0
 
 
 class _Step(NamedTuple):
@@ -146,14 +149,17 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# MLflow wraps connection errors in long multi-line messages; these substrings name the root cause.
+_REASONS = (("Connection refused", "connection refused"), ("timed out", "timed out"),
+            ("Name or service not known", "unknown host"), ("database is locked", "database is locked"),
+            ("Connection aborted", "connection aborted"),
+            ("RemoteDisconnected", "connection closed by server"))
+
+
 def _one_line(exc: BaseException) -> str:
     """Short reason for console messages: the recognizable root cause, else the first line."""
     text = str(exc)
-    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                          ("Name or service not known", "unknown host"), ("database is locked",
-                                                                          "database is locked"),
-                          ("Connection aborted", "connection aborted"),
-                          ("RemoteDisconnected", "connection closed by server")):
+    for needle, short in _REASONS:
         if needle in text:
             return short
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
@@ -186,15 +192,15 @@ class Tracker:
     """Asynchronous MLflow logger: a parent run per sweep, a child run per network.
 
     Invariants:
-        * ``log_metrics``/``log_params``/``set_tags``/``end_run`` only enqueue; they never wait on I/O.
-        * Ops are applied per run in the order they were enqueued: an ``end_run`` is applied after every
-          point, param and tag of that run enqueued before it.
+        * ``log_metrics``/``log_params``/``set_tags``/``end_run`` only enqueue; they never wait on I/O
+          (the queue is unbounded: memory grows while the store is down).
+        * An ``end_run`` is applied after every point, param and tag of that run enqueued before it; a
+          later tag value overwrites an earlier one; a changed param value is rejected by MLflow (reported).
         * A point is either written, skipped on purpose (its step is already stored in a reused child run:
           see ``start_child``), or counted as lost and reported by a ``TrackingError`` from
-          ``flush``/``close``.
-          Transient failures (server down, database locked) are retried with capped exponential backoff
-          until ``retry_max_s`` passes without a successful write; then the tracker is broken and every
-          later call raises ``TrackingError``.
+          ``flush``/``close``. Transient failures (server down, database locked) are retried with capped
+          exponential backoff until ``retry_max_s`` passes without a successful write; then the tracker is
+          broken and every later call raises ``TrackingError``.
         * Retried writes are idempotent (same timestamps; MLflow ignores exact duplicate points).
         * ``start_parent``/``start_child`` are idempotent per sweep key / network key, so a resumed sweep
           continues its runs instead of creating new ones.
@@ -205,8 +211,8 @@ class Tracker:
                  artifact_location: str | None = None) -> None:
         """Connect (fail fast if unreachable), create/get ``experiment`` and start the writer thread.
 
-        ``fast_sql``: bulk-insert points into a ``sqlite:///`` store (default: on for SQLite; False forces
-        ``MlflowClient.log_batch``). ``artifact_location`` for a newly created experiment; for SQLite
+        ``fast_sql``: bulk-insert points into a SQLite/PostgreSQL store (default: on for those; False
+        forces ``MlflowClient.log_batch``). ``artifact_location`` for a newly created experiment; for SQLite
         stores it defaults to ``mlartifacts/`` next to the database file instead of MLflow's ``./mlruns``
         in the current directory.
         """
@@ -219,6 +225,8 @@ class Tracker:
         scheme = urlparse(tracking_uri).scheme.lower()
         self._is_http = scheme in ("http", "https")
         self._is_sqlite = scheme == "sqlite"
+        dialect = scheme.split("+")[0]
+        self._bulk_dialect = dialect if dialect in _BULK_DIALECTS else None
         if self._is_http:
             self._probe_http()
         elif self._is_sqlite:
@@ -235,12 +243,13 @@ class Tracker:
 
         self._engine: sa.Engine | None = None
         self._fast_stmts: tuple[Any, Any] | None = None
-        if self._is_sqlite and fast_sql is not False:
+        if self._bulk_dialect is not None and fast_sql is not False:
             self._setup_fast_sql()
-        elif fast_sql and not self._is_sqlite:
-            raise ValueError(f"fast_sql needs a sqlite:/// tracking URI, got {tracking_uri}")
+        elif fast_sql and self._bulk_dialect is None:
+            raise ValueError(f"fast_sql needs a sqlite:// or postgresql:// tracking URI, got {tracking_uri}")
 
-        # Resume bookkeeping (caller thread only).
+        # Run bookkeeping, guarded by _runs_lock (start_* may be called from several threads).
+        self._runs_lock = threading.RLock()
         self._fresh_parents: set[str] = set()
         self._children: dict[str, dict[str, str]] = {}
         self._own_runs: set[str] = set()  # runs started here: the only ones the fast SQL path writes to
@@ -323,7 +332,9 @@ class Tracker:
     def _setup_fast_sql(self) -> None:
         """Reflect MLflow's metric tables; fall back to log_batch if the schema is not the expected one."""
         try:
-            engine = sa.create_engine(self.tracking_uri, connect_args={"timeout": 60})
+            # A long busy timeout: the MLflow UI or our own run creation may hold the SQLite lock briefly.
+            connect_args = {"timeout": 60} if self._is_sqlite else {}
+            engine = sa.create_engine(self.tracking_uri, connect_args=connect_args, pool_pre_ping=True)
             md = sa.MetaData()
             metrics = sa.Table("metrics", md, autoload_with=engine)
             latest = sa.Table("latest_metrics", md, autoload_with=engine)
@@ -337,8 +348,9 @@ class Tracker:
             _log.info("MLflow metric tables differ from the known schema; using log_batch")
             engine.dispose()
             return
-        ins_points = sqlite_insert(metrics).on_conflict_do_nothing()  # exact duplicates: a retried write
-        up = sqlite_insert(latest)
+        insert = _BULK_DIALECTS[engine.dialect.name]
+        ins_points = insert(metrics).on_conflict_do_nothing()  # exact duplicates: a retried write
+        up = insert(latest)
         # Same rule as MLflow's _update_latest_metrics_if_necessary: keep the max (step, timestamp, value).
         ins_latest = up.on_conflict_do_update(
             index_elements=[latest.c.key, latest.c.run_uuid],
@@ -351,7 +363,7 @@ class Tracker:
 
     @property
     def uses_fast_sql(self) -> bool:
-        """True when points go to SQLite by bulk SQL rather than MlflowClient.log_batch."""
+        """True when points go to the SQL store by bulk upsert rather than MlflowClient.log_batch."""
         return self._fast_stmts is not None
 
     # ------------------------------------------------------------------ synchronous calls
@@ -393,6 +405,10 @@ class Tracker:
 
     def start_parent(self, run_name: str, params: Mapping[str, object], tags: Mapping[str, str]) -> str:
         """Create the sweep's parent run, or reuse the one tagged with the same ``mfsweep.sweep_key``."""
+        with self._runs_lock:
+            return self._start_parent(run_name, params, tags)
+
+    def _start_parent(self, run_name: str, params: Mapping[str, object], tags: Mapping[str, str]) -> str:
         tags = {k: str(v) for k, v in tags.items()}
         sweep_key = tags.get(SWEEP_KEY_TAG)
         run_id: str | None = None
@@ -424,6 +440,11 @@ class Tracker:
         remembered: later points of that metric with step <= it are dropped (counted in
         ``stats.points_skipped``), so a resumed sweep never stores a point twice.
         """
+        with self._runs_lock:
+            return self._start_child(parent_id, key, run_name, params, tags)
+
+    def _start_child(self, parent_id: str, key: str, run_name: str, params: Mapping[str, object],
+                     tags: Mapping[str, str]) -> str:
         tags = {**{k: str(v) for k, v in tags.items()}, CHILD_KEY_TAG: key, PARENT_TAG: parent_id}
         children = self._children.get(parent_id)
         if children is None:
@@ -589,8 +610,14 @@ class Tracker:
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # do not mask the exception already propagating
+            self.close()
+        except TrackingError as err:
+            _log.error("%s", err)
 
     @property
     def stats(self) -> TrackerStats:
@@ -605,7 +632,9 @@ class Tracker:
         while True:
             with self._cv:
                 deadline = time.monotonic() + self._flush_interval_s
-                while not (self._closing or self._flush_waiters or self._queued_points >= self._max_batch):
+                # A flush only cuts the wait short when there is something to write.
+                while not (self._closing or (self._flush_waiters and self._ops)
+                           or self._queued_points >= self._max_batch):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -615,20 +644,23 @@ class Tracker:
                 last_seq = self._seq_enqueued
                 closing = self._closing
             if ops:
+                done_before = self._points_logged + self._points_lost
                 try:
                     self._write(ops)
-                except Exception as exc:  # a bug here must not hang flush(): count everything as lost
+                except Exception as exc:  # a bug here must not hang flush(): count the rest as lost
                     _log.exception("MLflow writer failed")
-                    self._fail_all(ops, f"MLflow writer crashed ({_one_line(exc)}); report this bug")
+                    self._fail_rest(ops, done_before,
+                                    f"MLflow writer crashed ({_one_line(exc)}); report this bug")
             with self._cv:
                 self._seq_done = last_seq
                 self._cv.notify_all()
                 if closing and not self._ops:
                     return
 
-    def _fail_all(self, ops: Sequence[_Op], msg: str) -> None:
-        n = sum(len(op.metrics) for op in ops if isinstance(op, _MetricsOp))
+    def _fail_rest(self, ops: Sequence[_Op], done_before: int, msg: str) -> None:
         with self._cv:
+            n = sum(len(op.metrics) for op in ops if isinstance(op, _MetricsOp)) - (
+                self._points_logged + self._points_lost - done_before)
             self._points_lost += n
             self._unreported.append(f"{msg}; {n} metric points were not written")
 
@@ -656,7 +688,6 @@ class Tracker:
                 segs.append(seg)
             if isinstance(op, _MetricsOp):
                 seg.points.append(op)
-                seg.n_points += len(op.metrics)
             elif isinstance(op, _ParamsOp):
                 seg.params.setdefault(op.run_id, {}).update(op.params)
             elif isinstance(op, _TagsOp):
@@ -739,7 +770,7 @@ class Tracker:
                 self._points_logged += step.n_points
                 if self._outage_since is not None:
                     _log.info("MLflow at %s is back after %.1fs; writing the backlog", self.tracking_uri,
-                                 time.monotonic() - self._outage_since)
+                              time.monotonic() - self._outage_since)
                     self._outage_since = None
             return
 
@@ -748,11 +779,12 @@ class Tracker:
             # Everything not yet written is lost: this cycle's remainder and whatever is still queued.
             lost = self._points_enqueued - self._points_logged - self._points_lost
             self._points_lost += lost
-            self._broken = (f"gave up writing to MLflow at {self.tracking_uri} after {waited:.0f}s "
-                            f"({_one_line(exc)}); {lost} metric points were not written; restart the "
-                            f"server and resume the sweep")
+            msg = (f"gave up writing to MLflow at {self.tracking_uri} after {waited:.0f}s "
+                   f"({_one_line(exc)}); {lost} metric points were not written; restart the "
+                   f"server and resume the sweep")
+            self._broken = msg
             self._cv.notify_all()
-        _log.error("%s", self._broken)
+        _log.error("%s", msg)
 
     # ------------------------------------------------------------------ store writes (writer thread)
     def _insert_rows(self, rows: Sequence[dict[str, Any]]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import ray
 import torch
 
-from .engine import Pack
+from .engine import NetStatus, Pack
 from .jobs import PackEvent, PackJob, WorkerInfo
 
 
@@ -39,6 +40,22 @@ class PackRunner:
             torch.set_num_threads(threads)
         self.slots_per_node = max(1, slots_per_node)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # Retire requests (e.g. Optuna pruning) arrive on another actor thread while a pack trains.
+        self._lock = threading.Lock()
+        self._retire: dict[str, dict[int, tuple[NetStatus, str]]] = {}
+
+    def request_retire(self, pack_id: str, net_id: int, status: str = "pruned", reason: str = "pruned") -> None:
+        """Ask the pack ``pack_id`` to drop ``net_id`` at its next report; its pack-mates go on."""
+        with self._lock:
+            self._retire.setdefault(pack_id, {})[net_id] = (NetStatus(status), reason)
+
+    def _apply_retires(self, pack_id: str, pack: Pack) -> None:
+        with self._lock:
+            todo = self._retire.pop(pack_id, {})
+        running = set(pack.running)
+        for net_id, (status, reason) in todo.items():
+            if net_id in running:
+                pack.retire(net_id, status, reason)
 
     def info(self) -> WorkerInfo:
         if self.device.type == "cuda":
@@ -59,12 +76,17 @@ class PackRunner:
                         device=self.device, dtype=getattr(torch, job.dtype))
         start = pack.step
         last_saved = start
+        # A restarted pack first replays what it reported before its checkpoint: the driver may have died
+        # before recording those reports; it and the tracker drop what they already have.
+        for old in list(pack.history):
+            yield PackEvent(job.pack_id, old, self.name, start, time.perf_counter() - t0)
         for report in pack.train():
             if ck is not None and (report.done or report.step - last_saved >= job.checkpoint_every):
                 # Save before the report leaves: whatever the driver has seen is covered by a checkpoint.
                 pack.save(ck)
                 last_saved = report.step
             yield PackEvent(job.pack_id, report, self.name, start, time.perf_counter() - t0)
+            self._apply_retires(job.pack_id, pack)
 
     def ping(self) -> str:
         return self.name

@@ -1,4 +1,5 @@
-"""Tracker against real MLflow stores: SQLite (bulk SQL and log_batch paths) and a real `mlflow server`.
+"""Tracker against real MLflow stores: SQLite (bulk SQL and log_batch paths), PostgreSQL (bulk SQL; server
+from tests/conftest.py) and a real `mlflow server`.
 
 The same contract tests run on every backend; outage tests kill and restart a real server process.
 """
@@ -115,12 +116,25 @@ class Backend:
         return Tracker(self.uri, experiment, **{**self.kwargs, **kwargs})
 
 
-@pytest.fixture(params=["sqlite-bulk", "sqlite-log_batch", "http"])
+@pytest.fixture(scope="module")
+def postgres_uri(request: pytest.FixtureRequest) -> str:
+    """One migrated MLflow database per module; tests keep apart by experiment name."""
+    make = request.getfixturevalue("postgres_db")
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the dev extra installs psycopg2.
+    uri: str = make("mlflow_tracking").replace("postgresql://", "postgresql+psycopg2://", 1)
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
+@pytest.fixture(params=["sqlite-bulk", "sqlite-log_batch",
+                        pytest.param("postgres-bulk", marks=pytest.mark.postgres), "http"])
 def backend(request: pytest.FixtureRequest, sqlite_uri: str) -> Backend:
     if request.param == "http":
         server: MlflowServer = request.getfixturevalue("mlflow_server")
         server.ensure_running()
         return Backend("http", server.uri)
+    if request.param == "postgres-bulk":
+        return Backend("postgres-bulk", request.getfixturevalue("postgres_uri"), {"fast_sql": True})
     return Backend(request.param, sqlite_uri, {"fast_sql": request.param == "sqlite-bulk"})
 
 
@@ -156,7 +170,7 @@ def fluent_uri() -> Iterator[None]:
 def test_every_point_written_exactly_once(backend: Backend, fluent_uri: None) -> None:
     exp = f"contract-{uuid.uuid4().hex[:8]}"
     tr = backend.tracker(exp, flush_interval_s=0.05)
-    assert tr.uses_fast_sql == (backend.name == "sqlite-bulk")
+    assert tr.uses_fast_sql == backend.name.endswith("-bulk")
     parent = tr.start_parent("sweep", {"lr": 0.1, "widths": [16, 32]}, {"mfsweep.sweep_key": exp})
     kids = [tr.start_child(parent, f"net{i}", f"net-{i}", {"width": 16 * (i + 1), "seed": i}, {"v": "relu"})
             for i in range(20)]

@@ -16,9 +16,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from engine_ref import F64, activations, all_particles, cached_task, out_scale, raw_lr, ref_loss
 from scipy import integrate
 
+from tests.workers.engine_ref import F64, activations, all_particles, cached_task, out_scale, raw_lr, ref_loss
 from workers.engine import (
     Algorithm,
     Component,
@@ -112,7 +112,8 @@ def _trained_exact_pack(task: TaskSpec, model: ModelSpec, widths: tuple[int, ...
 
 
 def test_exact_energy_gaussian_measure_vs_monte_carlo() -> None:
-    comps = (Component(0.8, (-1.0, 0.5), 0.4), Component(-0.5, (1.0, 0.0), 0.9), Component(0.3, (0.0, 1.5), 0.3))
+    comps = (Component(0.8, (-1.0, 0.5), 0.4), Component(-0.5, (1.0, 0.0), 0.9),
+             Component(0.3, (0.0, 1.5), 0.3))
     task = TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=2, components=comps, measure=Measure.GAUSSIAN,
                     measure_std=1.5)
     model = ModelSpec(unit=Unit.GAUSSIAN, gaussian_var=0.35, init=InitSpec(c_mean=0.5))
@@ -162,40 +163,104 @@ def test_exact_energy_lebesgue_2d_vs_quadrature() -> None:
         assert e == pytest.approx(quad[nid], rel=1e-9), nid
 
 
-def test_exact_step_matches_quadrature_gradient() -> None:
-    """The exact path's update is -eta dE/dtheta and its potential is c_i int (f_n - f) phi_i dx."""
-    task = TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=1)
-    model = ModelSpec(unit=Unit.GAUSSIAN, gaussian_var=0.5)
+def _quadrature_grid(task: TaskSpec, lim: float, points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trapezoid nodes (G, d) and weights (G,) times the density of the task's input measure."""
+    t = torch.linspace(-lim, lim, points, dtype=F64)
+    h = float(t[1] - t[0])
+    w1 = torch.full_like(t, h)
+    w1[0] = w1[-1] = h / 2
+    if task.dim == 1:
+        x, w = t.unsqueeze(1), w1
+    else:
+        gx, gy = torch.meshgrid(t, t, indexing="ij")
+        x = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
+        w = (w1[:, None] * w1[None, :]).reshape(-1)
+    if task.measure is Measure.GAUSSIAN:
+        var = task.measure_std**2
+        w = w * torch.exp(-0.5 * x.pow(2).sum(1) / var) / (2 * math.pi * var) ** (task.dim / 2)
+    return x, w
+
+
+EXACT_CASES = [
+    pytest.param(TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=1), 25.0, 50_001, id="lebesgue-1d"),
+    pytest.param(TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=1, measure=Measure.GAUSSIAN, measure_std=1.5),
+                 25.0, 50_001, id="gaussian-1d"),
+    pytest.param(TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=2, measure=Measure.GAUSSIAN, measure_std=1.2,
+                          components=(Component(1.0, (-1.0, 0.5), 0.5), Component(-0.6, (0.8, -0.3), 1.1))),
+                 12.0, 481, id="gaussian-2d"),
+    pytest.param(TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=2,
+                          components=(Component(0.7, (0.0, 1.0), 0.4), Component(0.4, (1.5, 0.0), 0.8))),
+                 12.0, 481, id="lebesgue-2d"),
+]
+
+
+@pytest.mark.parametrize(("task", "lim", "points"), EXACT_CASES)
+def test_exact_step_matches_quadrature_gradient(task: TaskSpec, lim: float, points: int) -> None:
+    """The exact path's energy, update (-eta dE/dtheta) and potential (c_i int (f_n - f) phi_i dnu) equal
+    quadrature on a grid, for both measures, in 1-D and 2-D, mean-field and ntk."""
+    model = ModelSpec(unit=Unit.GAUSSIAN, gaussian_var=0.5, init=InitSpec(c_mean=0.3))
     pack = _trained_exact_pack(task, model, (6, 13), steps=3)
     var = model.gaussian_var
-    x = torch.linspace(-25.0, 25.0, 50_001, dtype=F64).unsqueeze(1)
-    w = torch.full((x.shape[0],), float(x[1, 0] - x[0, 0]), dtype=F64)
-    w[0] = w[-1] = w[0] / 2
-    target = cached_task(task).target(x)  # (P, 1)
+    x, w = _quadrature_grid(task, lim, points)
+    target = cached_task(task).target(x)  # (G, 1)
     before = all_particles(pack)
     want = {}
     for sp in pack.networks:
         z, _, c = before[sp.net_id]
         s = out_scale(sp)
-        phi = activations(Unit.GAUSSIAN, var, x, z, None)  # (P, n)
-        resid = (s * phi @ c - target)[:, 0] * w  # (f_n - f) dx
-        proj = resid @ phi  # int (f_n - f) phi_i dx, (n,)
+        phi = activations(Unit.GAUSSIAN, var, x, z, None)  # (G, n)
+        resid = (s * phi @ c - target)[:, 0]  # f_n - f
+        proj = (resid * w) @ phi  # int (f_n - f) phi_i dnu, (n,)
         grad_c = s * proj.unsqueeze(1)
-        grad_z = s * c[:, 0:1] * ((resid.unsqueeze(1) * phi).T @ x - z * proj.unsqueeze(1)) / var
-        energy = float(0.5 * ((s * phi @ c - target)[:, 0].pow(2) * w).sum())
+        grad_z = s * c[:, 0:1] * (((resid * w).unsqueeze(1) * phi).T @ x - z * proj.unsqueeze(1)) / var
+        energy = float(0.5 * (resid.pow(2) * w).sum())
         want[sp.net_id] = (energy, c[:, 0] * proj, grad_z, grad_c)
+    for nid, e in pack.test_losses().items():  # the reported loss (a separate closed form)
+        assert e == pytest.approx(want[nid][0], rel=1e-9), nid
     for g in pack.groups:
         energies, potentials = pack._exact_step(g)
         for r, nid in enumerate(g.ids):
             energy, pot, _, _ = want[nid]
-            assert float(energies[r]) == pytest.approx(energy, rel=1e-10)
+            assert float(energies[r]) == pytest.approx(energy, rel=1e-9)
             torch.testing.assert_close(potentials[r], pot, rtol=1e-8, atol=1e-13)
     for sp in pack.networks:
         z0, _, c0 = before[sp.net_id]
         z1, _, c1 = pack.particles(sp.net_id)
         _, _, grad_z, grad_c = want[sp.net_id]
+        assert float(grad_z.abs().max()) > 1e-4 and float(grad_c.abs().max()) > 1e-4
         torch.testing.assert_close(z1 - z0, -raw_lr(sp) * grad_z, rtol=1e-8, atol=1e-13)
         torch.testing.assert_close(c1 - c0, -raw_lr(sp) * grad_c, rtol=1e-8, atol=1e-13)
+
+
+@pytest.mark.parametrize("measure", [Measure.LEBESGUE, Measure.GAUSSIAN])
+def test_exact_step_matches_autograd_of_closed_form(measure: Measure) -> None:
+    """The hand-derived exact gradients against autograd of the closed-form energy (3-D, several widths)."""
+    comps = (Component(0.9, (-1.0, 0.0, 0.5), 0.6), Component(-0.4, (0.5, 1.0, -0.5), 1.3))
+    task = TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=3, components=comps, measure=measure, measure_std=1.1)
+    model = ModelSpec(unit=Unit.GAUSSIAN, gaussian_var=0.4, init=InitSpec(c_mean=0.4))
+    pack = _trained_exact_pack(task, model, (5, 9), steps=2)
+    tsk = cached_task(task)
+    before = all_particles(pack)
+    want = {}
+    for sp in pack.networks:
+        z, _, c = (t.clone().requires_grad_(True) if t is not None else None for t in before[sp.net_id])
+        assert z is not None and c is not None
+        s = out_scale(sp)
+        f_terms, kern, c_f = tsk.energy_terms(z.unsqueeze(0), model.gaussian_var)
+        c1 = c[:, 0]
+        energy = c_f - s * (c1 * f_terms[0]).sum() + 0.5 * s * s * (c1 @ kern[0] @ c1)
+        gz, gc = torch.autograd.grad(energy, [z, c])
+        want[sp.net_id] = (float(energy), gz, gc)
+    for g in pack.groups:
+        energies, _ = pack._exact_step(g)
+        for r, nid in enumerate(g.ids):
+            assert float(energies[r]) == pytest.approx(want[nid][0], rel=1e-12)
+    for sp in pack.networks:
+        z0, _, c0 = before[sp.net_id]
+        z1, _, c1 = pack.particles(sp.net_id)
+        _, gz, gc = want[sp.net_id]
+        torch.testing.assert_close(z1 - z0, -raw_lr(sp) * gz, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(c1 - c0, -raw_lr(sp) * gc, rtol=1e-9, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- gaussian_overlap
@@ -238,3 +303,28 @@ def test_gaussian_overlap_2d_batched_vs_grid(measure: Measure) -> None:
         pb = activations(Unit.GAUSSIAN, vb, grid, b[k], None)  # (G, m)
         want = (pa * nu.unsqueeze(1)).T @ pb * h * h
         torch.testing.assert_close(got[k], want, rtol=1e-9, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- Langevin noise
+@pytest.mark.parametrize("par", [MF, NTK], ids=["mf", "ntk"])
+def test_langevin_noise_is_gaussian_with_variance_2_dt_T(par: Parametrization) -> None:
+    """One step at temperature T minus the same step at T = 0 (same seed) is N(0, 2 dt T) per coordinate."""
+    task = TaskSpec(kind=TaskKind.TEACHER, dim=3, seed=0, teacher_units=2)
+    model = ModelSpec(unit=Unit.RELU, init=InitSpec(bias_std=0.5))
+    dyn = DynamicsSpec(algorithm=Algorithm.SGD, steps=5, batch_size=32)
+    dt, temp, n = 0.03, 0.7, 3000
+    hot = Pack(task, model, dyn, [NetworkSpec(0, n, seed=5, lr=dt, temperature=temp, parametrization=par)],
+               dtype=F64)
+    cold = Pack(task, model, dyn, [NetworkSpec(0, n, seed=5, lr=dt, parametrization=par)], dtype=F64)
+    hot.step_once()
+    cold.step_once()
+    noise = torch.cat([(a - b).reshape(-1) for a, b in zip(hot.particles(0), cold.particles(0), strict=True)
+                       if a is not None and b is not None])
+    assert noise.numel() == n * (3 + 1 + 1)  # z, b and c all get noise
+    var = 2 * dt * temp
+    m = noise.numel()
+    assert abs(float(noise.mean())) < 4 * math.sqrt(var / m)
+    # Sample variance: standard error sqrt(2 / m) relative for a Gaussian.
+    assert float(noise.var()) / var == pytest.approx(1.0, abs=4 * math.sqrt(2 / m))
+    # Gaussian shape: the fourth moment is 3 var^2 (relative standard error sqrt(96 / m)).
+    assert float(noise.pow(4).mean()) / (3 * var * var) == pytest.approx(1.0, abs=4 * math.sqrt(96 / 9 / m))

@@ -14,7 +14,8 @@ import math
 
 import pytest
 import torch
-from engine_ref import (
+
+from tests.workers.engine_ref import (
     F64,
     all_particles,
     assert_particles_close,
@@ -22,7 +23,6 @@ from engine_ref import (
     only,
     run_reports,
 )
-
 from workers.engine import (
     Algorithm,
     DynamicsSpec,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_ref import F64, all_particles, ref_test_loss, train_reference
 
+from tests.workers.engine_ref import F64, all_particles, ref_test_loss, train_reference
 from workers.engine import (
     Algorithm,
     DynamicsSpec,

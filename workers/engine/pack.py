@@ -81,6 +81,24 @@ class Report:
     """net_id -> (kills, clones) accumulated since the last report."""
 
 
+def report_to_json(rep: Report) -> dict[str, Any]:
+    return {
+        "step": rep.step, "done": rep.done,
+        "metrics": [[m.net_id, m.step, m.train_loss, m.test_loss] for m in rep.metrics],
+        "retired": [[r.net_id, r.step, r.status.value, r.reason, r.final_test_loss] for r in rep.retired],
+        "bd": [[k, v[0], v[1]] for k, v in rep.bd_events.items()],
+    }
+
+
+def report_from_json(d: dict[str, Any]) -> Report:
+    return Report(
+        step=d["step"], done=d["done"],
+        metrics=tuple(NetMetrics(*m) for m in d["metrics"]),
+        retired=tuple(Retired(r[0], r[1], NetStatus(r[2]), r[3], r[4]) for r in d["retired"]),
+        bd_events={k: (a, b) for k, a, b in d["bd"]},
+    )
+
+
 def uses_exact_energy(task: Task, model: ModelSpec, dynamics: DynamicsSpec) -> bool:
     """GD on a closed-form task with Gaussian units trains on the exact population energy."""
     return dynamics.algorithm is Algorithm.GD and task.has_closed_form and model.unit is Unit.GAUSSIAN
@@ -236,6 +254,8 @@ class Pack:
         self.retired: dict[int, Retired] = {}
         self._pending: list[Retired] = []
         self._steps_since_report = 0
+        self.history: list[Report] = []
+        """Every report so far (kept in checkpoints, so a restarted pack can replay what it reported)."""
         self.groups: list[_Group] = []
         by_width: dict[int, list[NetworkSpec]] = {}
         for sp in networks:
@@ -496,6 +516,7 @@ class Pack:
                     self.retire(nid, NetStatus.FINISHED, "completed", last[nid])
             rec = Report(self.step, tuple(metrics), tuple(self._pending), self.done, events)
             self._pending = []
+            self.history.append(rec)
             return rec
 
     def train(self) -> Iterator[Report]:
@@ -508,8 +529,10 @@ class Pack:
             if self.step % self.dynamics.eval_every == 0 or self.step >= self.dynamics.steps:
                 yield self.report()
         if self._pending:
-            yield Report(self.step, (), tuple(self._pending), True)
+            rec = Report(self.step, (), tuple(self._pending), True)
             self._pending = []
+            self.history.append(rec)
+            yield rec
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -524,6 +547,7 @@ class Pack:
             "retired": [
                 {**to_dict(rec), "status": rec.status.value} for rec in self.retired.values()
             ],
+            "history": [report_to_json(r) for r in self.history],
         }
         groups = []
         for g in self.groups:
@@ -569,6 +593,12 @@ class Pack:
         pack.load_state_dict(state, meta)
         return pack
 
+    @staticmethod
+    def read_history(path: str | os.PathLike[str]) -> list[Report]:
+        """The reports a checkpointed pack had emitted, without rebuilding the pack."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return [report_from_json(r) for r in json.loads(state["meta"]).get("history", [])]
+
     def load_state_dict(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
         dev = self.device
         specs = {sp.net_id: sp for sp in self.networks}
@@ -588,6 +618,7 @@ class Pack:
         self.step = int(state["step"])
         self._steps_since_report = int(state["steps_since_report"])
         self.data.gen.set_state(state["data_gen"])
+        self.history = [report_from_json(r) for r in meta.get("history", [])]
         self.retired = {}
         for rec in meta["retired"]:
             self.retired[rec["net_id"]] = Retired(

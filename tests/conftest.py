@@ -1,0 +1,100 @@
+"""Shared fixtures: a throwaway PostgreSQL server (real, from Debian's packages) and free ports."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _missing(reason: str) -> None:
+    # In CI a missing server is a failure, not a skip: .ci/run installs PostgreSQL.
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must install postgresql: see .ci/run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """Base URL ``postgresql://postgres@127.0.0.1:PORT`` of a server started for this test session
+    (or MFSWEEP_TEST_PG_URL, a server URL whose user may create databases)."""
+    env_url = os.environ.get("MFSWEEP_TEST_PG_URL")
+    if env_url:
+        yield env_url.rstrip("/")
+        return
+    bindir = _pg_bin()
+    if bindir is None:
+        _missing("PostgreSQL binaries not found (apt-get install -y postgresql)")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="mfsweep-pg-"))
+    data, sock = tmp / "data", tmp / "sock"
+    data.mkdir()
+    sock.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root: run it as the 'postgres' system user
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            _missing("running as root and no 'postgres' user to run the server")
+            return
+        for p in (tmp, data, sock):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                    "-E", "UTF8"], check=True, capture_output=True)
+    log = tmp / "server.log"
+    if run_as:
+        log.touch()
+        os.chown(log, pw.pw_uid, pw.pw_gid)
+    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+                    f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_db(postgres_server: str) -> Callable[[str], str]:
+    """``make(name)`` creates a fresh database and returns its SQLAlchemy URL."""
+    import psycopg2
+
+    def make(name: str) -> str:
+        name = f"{name}_{int(time.time() * 1000) % 10**9}"
+        conn = psycopg2.connect(f"{postgres_server}/postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        return f"{postgres_server}/{name}"
+
+    return make

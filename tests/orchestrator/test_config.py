@@ -1,0 +1,120 @@
+"""Config loading and validation: every bad input is one clear line, exit code 2, before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import config as cfgmod
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "needle"),
+    [
+        ("task: {kind: teacher, dimm: 3}\n", [], "unknown key 'task.dimm'; did you mean 'task.dim'"),
+        ("task: [1, 2\n", [], "malformed YAML at line"),
+        ("- a\n- b\n", [], "top level must be a mapping"),
+        ("sweep: {widths: []}\n", [], "widths is empty"),
+        ("sweep: {widths: [16, -4]}\n", [], "widths must be positive integers"),
+        ("sweep: {widths: [16, 16]}\n", [], "duplicates"),
+        ("dynamics: {lr: -0.1}\n", [], "dynamics.lr: Input should be greater than 0"),
+        ("dynamics: {lr: .nan}\n", [], "dynamics.lr"),
+        ("dynamics: {steps: fast}\n", [], "dynamics.steps: Input should be a valid integer"),
+        ("model: {unit: softplus}\n", [], "model.unit"),
+        ("dynamics: {birth_death: {rate: -1}}\n", [], "dynamics.birth_death.rate"),
+        ("dynamics: {birth_death: {scheme: teleport}}\n", [], "dynamics.birth_death.scheme"),
+        ("task: {kind: gaussian_mixture, dim: 1}\nmodel: {unit: relu}\ndynamics: {algorithm: gd}\n", [],
+         "closed-form energy only for gaussian units"),
+        ("task: {kind: gaussian_mixture, dim: 1}\nmodel: {unit: gaussian}\ndynamics: {algorithm: sgd}\n", [],
+         "cannot be sampled"),
+        ("", ["sweep.seeds=0"], "sweep.seeds: Input should be greater than or equal to 1"),
+        ("", ["sweep.widths=[8, 16"], "not valid YAML"),
+        ("", ["seeds"], "expected section.key=value"),
+        ("sweep: {variants: [{name: a, set: {dynamics.lr: 0}}]}\n", [], "sweep.variants[0] (a): dynamics.lr"),
+        ("sweep: {variants: [{name: a}, {name: a}]}\n", [], "variant names must be unique"),
+        ("dynamics: {steps: 10, birth_death: {quench: 20}}\n", [], "exceeds steps"),
+    ],
+)
+def test_bad_input_one_line(tmp_path: Path, yaml_text: str, overrides: list[str], needle: str) -> None:
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.load(path, overrides)
+    msg = str(info.value)
+    assert needle in msg, msg
+    assert "\n" not in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(cfgmod.ConfigError, match="not found"):
+        cfgmod.load(tmp_path / "nope.yaml")
+
+
+def test_overrides_and_variants(tmp_path: Path) -> None:
+    path = write(tmp_path, "sweep:\n  variants:\n    - name: plain\n    - name: bd\n"
+                           "      set: {dynamics.birth_death.rate: 2.5, model.parametrization: ntk}\n")
+    cfg = cfgmod.load(path, ["dynamics.lr=0.3", "sweep.widths=[64, 8, 32]"])
+    assert cfg.dynamics.lr == 0.3
+    assert cfg.sweep.widths == [8, 32, 64]  # sorted
+    variants = dict(cfg.variant_configs())
+    assert variants["plain"].dynamics.birth_death.rate == 0.0
+    assert variants["bd"].dynamics.birth_death.rate == 2.5
+    assert variants["bd"].model.parametrization.value == "ntk"
+    assert variants["bd"].dynamics.lr == 0.3  # overrides reach every variant
+
+
+def test_config_is_frozen() -> None:
+    cfg = cfgmod.load(None)
+    with pytest.raises(Exception, match="frozen"):
+        cfg.dynamics.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "scaling").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_valid(path: Path) -> None:
+    cfg = cfgmod.load(path)
+    assert len(cfg.sweep.widths) >= 2
+    # Each ships birth-death and a mean-field/ntk contrast.
+    variants = dict(cfg.variant_configs())
+    assert any(v.dynamics.birth_death.rate > 0 for v in variants.values())
+    assert {v.model.parametrization.value for v in variants.values()} == {"mean_field", "ntk"}
+
+
+def test_cli_exit_code_2_and_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "dynamics: {lr: -1}\n")
+    code = main(["scaling", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "dynamics.lr" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_cli_subprocess_unknown_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "modle: {unit: relu}\n")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'modle'" in proc.stderr and "did you mean 'model'" in proc.stderr
+
+
+def test_unreachable_tracking_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import free_port
+
+    port = free_port()
+    code = main(["scaling", "--set", "sweep.widths=[8,16]", "--set", "sweep.seeds=1", "--set", "dynamics.steps=5",
+                 "--out", str(tmp_path / "o"), "--tracking-uri", f"http://127.0.0.1:{port}", "--backend", "local",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert f"127.0.0.1:{port}" in err and "--tracking-uri" in err

@@ -1,0 +1,177 @@
+"""End-to-end scaling sweeps on real components: local Ray, SQLite MLflow, a multi-node Ray cluster with a node
+killed mid-sweep, and a driver killed mid-sweep then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import config as cfgmod
+from orchestrator.cli import main
+from orchestrator.scaling import ScalingSweep, read_results
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["sweep.widths=[8,16,32]", "sweep.seeds=2", "dynamics.steps=60", "dynamics.eval_every=20",
+         "dynamics.batch_size=64", "task.n_test=256"]
+
+
+def child_runs(out: Path) -> tuple[MlflowClient, list]:
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    summary = json.loads((out / "summary.json").read_text())
+    parent = summary["mlflow"]["parent_run_id"]
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+    return client, runs
+
+
+def test_main_job_ray_mlflow_fit(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["scaling", "--out", str(out), "--no-progress"]
+    for s in [*SMALL, "sweep.variants=[{name: sgd}, {name: bd, set: {dynamics.birth_death.rate: 5.0}}]"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sweep"] == "sweep"
+    assert [v["name"] for v in summary["variants"]] == ["sgd", "bd"]
+    for v in summary["variants"]:
+        assert len(v["points"]) == 6 and all(p["status"] == "finished" for p in v["points"])
+        lo, hi = v["exponent_ci95"]
+        assert lo <= v["exponent"] <= hi
+        assert 0.0 <= v["r2"] <= 1.0
+    assert (out / "scaling.png").stat().st_size > 5000 and (out / "curves.png").stat().st_size > 5000
+
+    client, runs = child_runs(out)
+    assert len(runs) == 12
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        hist = client.get_metric_history(run.info.run_id, "test_loss")
+        assert sorted(m.step for m in hist) == [0, 20, 40, 60]
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3
+        assert run.data.params["width"] in {"8", "16", "32"}
+        assert "final_test_loss" in run.data.metrics
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["sgd.exponent"] == pytest.approx(summary["variants"][0]["exponent"])
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "scaling.png", "config.yaml"} <= arts
+    assert mlflow.get_tracking_uri()  # mlflow importable in tests (only tracking.py imports it in the package)
+
+
+def test_diverging_network_recorded_and_sweep_goes_on(tmp_path: Path) -> None:
+    out = tmp_path / "div"
+    cfg = cfgmod.load(None, [*SMALL, "execution.backend=local",
+                             "sweep.variants=[{name: ok}, {name: boom, set: {dynamics.lr: 1.0e+6}}]"])
+    summary = ScalingSweep(cfg, out, progress=False).run()
+    ok, boom = summary["variants"]
+    assert all(p["status"] == "finished" for p in ok["points"])
+    assert all(p["status"] == "diverged" for p in boom["points"])
+    assert ok["exponent"] is not None and boom["exponent"] is None
+    res = read_results(out / "results.jsonl")
+    assert all("lower dynamics.lr" in r.reason for r in res.values() if r.status == "diverged")
+
+
+def _run_cli(out: Path, extra: list[str]) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "orchestrator.cli", "scaling", "--out", str(out), "--no-progress", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_killed_driver(tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    sets = ["sweep.widths=[8,16,32,64]", "sweep.seeds=2", "dynamics.steps=1500", "dynamics.eval_every=50",
+            "dynamics.batch_size=64", "task.n_test=256", "execution.checkpoint_every=100",
+            "execution.max_networks_per_pack=2", "execution.backend=local"]
+    extra = [x for s in sets for x in ("--set", s)]
+    proc = _run_cli(out, extra)
+    deadline = time.time() + 240
+    # Kill the driver once some networks finished and others are mid-way (checkpoints exist).
+    while time.time() < deadline:
+        n_done = len(read_results(out / "results.jsonl"))
+        if n_done >= 2 and list((out / "checkpoints").glob("*.pt")):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"sweep ended before it could be killed: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_results(out / "results.jsonl")
+    assert 2 <= len(before) < 8
+
+    assert main(["resume", str(out), "--no-progress"]) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    ids = [json.loads(x)["net_id"] for x in lines]
+    assert sorted(ids) == list(range(8))  # every network once: finished ones were not retrained
+    after = read_results(out / "results.jsonl")
+    for nid, rec in before.items():
+        assert after[nid] == rec
+    client, runs = child_runs(out)
+    assert len(runs) == 8
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_loss")]
+        assert sorted(steps) == list(range(0, 1501, 50)), run.info.run_name  # nothing lost, nothing twice
+
+
+def test_same_out_different_config_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "x"
+    args = ["scaling", "--out", str(out), "--no-progress", "--backend", "local"]
+    assert main([*args, *[x for s in SMALL for x in ("--set", s)]]) == 0
+    assert main([*args, "--set", "dynamics.lr=0.3", *[x for s in SMALL for x in ("--set", s)]]) == 2
+    assert "holds a different sweep" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_multinode_worker_killed_mid_sweep(tmp_path: Path) -> None:
+    """A head and two worker nodes (real raylets); one worker node dies mid-sweep; its packs restart from
+    their checkpoints on the surviving node and every network's result arrives exactly once."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        cfg = cfgmod.load(None, [
+            "sweep.widths=[8,16,32,64]", "sweep.seeds=2", "dynamics.steps=1200", "dynamics.eval_every=50",
+            "dynamics.batch_size=64", "task.n_test=256", "execution.checkpoint_every=100", "execution.workers=2",
+            "execution.max_networks_per_pack=2"])
+        out = tmp_path / "cluster"
+        sweep = ScalingSweep(cfg, out, address=cluster.address, progress=False)
+        killed = threading.Event()
+
+        def killer() -> None:
+            # Wait until packs are mid-way on both nodes (checkpoints written), then kill one node.
+            deadline = time.time() + 180
+            while time.time() < deadline and len(list((out / "checkpoints").glob("*.pt"))) < 2:
+                time.sleep(0.1)
+            cluster.remove_node(workers[0], allow_graceful=False)
+            killed.set()
+
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        summary = sweep.run()
+        t.join(timeout=5)
+        assert killed.is_set()
+        pts = summary["variants"][0]["points"]
+        assert len(pts) == 8 and all(p["status"] == "finished" for p in pts), pts
+        ids = [json.loads(x)["net_id"] for x in (out / "results.jsonl").read_text().splitlines()]
+        assert sorted(ids) == list(range(8))
+        client, runs = child_runs(out)
+        assert len(runs) == 8
+        for run in runs:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_loss")]
+            assert sorted(steps) == list(range(0, 1201, 50))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
