@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.engine import (  # noqa: E402
+from workers.engine import (
     DataStream,
     DynamicsSpec,
     ModelSpec,
@@ -33,7 +33,7 @@ from workers.engine import (  # noqa: E402
     init_particles,
     make_task,
 )
-from workers.engine.rng import NETWORK_STREAM, derive_seed, generator  # noqa: E402
+from workers.engine.rng import NETWORK_STREAM, derive_seed, generator
 
 
 class MeanFieldNet(torch.nn.Module):

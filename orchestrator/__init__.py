@@ -6,4 +6,4 @@ Submodules are imported lazily by the CLI so that ``mfsweep --help`` stays fast;
 
 from __future__ import annotations
 
-__all__ = ["analysis", "cli", "config", "plan", "pool", "scaling", "search", "tracking"]
+__all__ = ["analysis", "cli", "config", "plan", "pool", "scaling", "search", "search_config", "tracking"]

@@ -76,7 +76,7 @@ def _scaling(args: argparse.Namespace, console: Console) -> int:
     from . import config as config_mod
     from .scaling import ScalingSweep, default_out
 
-    cfg = config_mod.load(args.config, args.overrides, **_direct(args))
+    cfg = config_mod.load(args.config or config_mod.QUICKSTART, args.overrides, **_direct(args))
     out = args.out or default_out(cfg)
     old = out / "config.yaml"
     if old.exists():

@@ -33,6 +33,9 @@ from workers.engine import (
     make_task,
 )
 
+#: The embedded quick-start sweep that ``mfsweep scaling`` runs without a config.
+QUICKSTART = Path(__file__).with_name("quickstart.yaml")
+
 
 class ConfigError(ValueError):
     """A bad configuration; ``str(err)`` is one line naming the key and the fix."""

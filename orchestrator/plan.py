@@ -14,6 +14,7 @@ from pathlib import Path
 
 from workers.engine import (
     NetworkSpec,
+    Task,
     derive_seed,
     estimate_pack_bytes,
     from_dict,
@@ -76,7 +77,7 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
             groups.setdefault(_pack_key(variants[net.variant]), []).append(net)
     budget = memory_bytes * cfg.execution.memory_fraction
     jobs: list[PackJob] = []
-    for key, nets in groups.items():
+    for nets in groups.values():
         vcfg = variants[nets[0].variant]
         task_spec, model, dyn = vcfg.task.spec(), vcfg.model.spec(), vcfg.dynamics.spec()
         task = make_task(task_spec)
@@ -84,11 +85,12 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
         batch = task_spec.n_train if dyn.algorithm.value == "gd" and not exact else dyn.batch_size
         dtype = cfg.execution.dtype
 
-        def mem(ws: Sequence[int], _b: int = batch, _t=task, _e=exact, _dt=dtype) -> int:
+        def mem(ws: Sequence[int], _b: int = batch, _t: Task = task, _e: bool = exact, _dt: str = dtype,
+                _nt: int = task_spec.n_test) -> int:
             import torch
 
             return estimate_pack_bytes(ws, batch=_b, dim=_t.dim, out_dim=_t.out_dim, dtype=getattr(torch, _dt),
-                                       exact=_e, n_test=task_spec.n_test)
+                                       exact=_e, n_test=_nt)
 
         for single in nets:
             if mem([single.spec.width]) > budget:

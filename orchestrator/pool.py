@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -16,6 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 import ray.exceptions
@@ -83,7 +85,7 @@ class LocalPool(Pool):
 
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
             stop: threading.Event | None = None) -> list[JobFailure]:
-        failures = []
+        failures: list[JobFailure] = []
         for job in jobs:
             for attempt in range(self.max_retries + 1):
                 if stop is not None and stop.is_set():
@@ -113,7 +115,10 @@ class RayPool(Pool):
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             try:
-                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                # No address: a fresh local instance (or RAY_ADDRESS, as under `ray job submit`), never a
+                # `ray start` cluster that ray.init would otherwise find in /tmp/ray and silently join.
+                target = address or (None if os.environ.get("RAY_ADDRESS") else "local")
+                ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False,
                          include_dashboard=False if address is None else None, runtime_env=runtime_env,
                          configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as err:
@@ -151,7 +156,7 @@ class RayPool(Pool):
         if self.use_gpu:
             opts["num_gpus"] = 1
         threads = None if self.use_gpu else self.cpus_per_worker
-        return PackWorker.options(**opts).remote(self.device_kind, threads, self._slots)
+        return PackWorker.options(**opts).remote(self.device_kind, threads, self._slots)  # type: ignore[return-value]
 
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
             stop: threading.Event | None = None) -> list[JobFailure]:
@@ -184,7 +189,7 @@ class RayPool(Pool):
                     continue
                 self._running[job.pack_id] = actor
                 try:
-                    gen = actor.train.options(num_returns="streaming").remote(job)
+                    gen: Any = actor.train.options(num_returns="streaming").remote(job)
                     for ref in gen:
                         events.put(ray.get(ref))
                         if stop.is_set():
@@ -249,7 +254,7 @@ class RayPool(Pool):
         or the run no longer needs it (``idle()``)."""
         try:
             actor = self._new_actor()
-            ping = actor.ping.remote()
+            ping: Any = actor.ping.remote()
             deadline = time.monotonic() + 60
             while not ray.wait([ping], timeout=1.0)[0]:
                 if idle() or time.monotonic() > deadline:
@@ -265,10 +270,8 @@ class RayPool(Pool):
 
     def close(self) -> None:
         for a in self.actors:
-            try:
+            with contextlib.suppress(Exception):  # already dead
                 ray.kill(a)
-            except Exception:  # already dead
-                pass
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +34,7 @@ from workers.jobs import PackEvent, PackJob
 from . import analysis
 from .config import ScalingConfig, dump
 from .plan import NetworkPlan, load_jobs, plan_networks, plan_packs, save_jobs
-from .pool import make_pool
-from .tracking import Tracker
+from .pool import JobFailure, Pool, make_pool
 
 
 @dataclass(frozen=True)
@@ -239,53 +239,72 @@ class ScalingSweep:
                                   networks=f"{len(self.results)}/{len(self.networks)}")
 
     # ------------------------------------------------------------------ run
+    def _open_tracking(self) -> None:
+        """Tracker (fails fast on an unreachable server), parent run, resolved config artifact."""
+        from .tracking import Tracker  # imported here: mlflow's import (~1 s) overlaps Ray's boot
+
+        cfg = self.cfg
+        self.tracker = Tracker(self.tracking_uri, cfg.name)
+        self.parent = self.tracker.start_parent(
+            self.out.name, _flatten(cfg.model_dump(mode="json")),
+            {"mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
+             "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
+             **{f"version.{k}": v for k, v in _versions().items()}})
+        self.tracker.log_artifact(self.parent, self.out / "config.yaml")
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        ex = cfg.execution
         self.variants = cfg.variant_configs()
-        self.tracker = Tracker(self.tracking_uri, cfg.name)
         self._progress: Progress | None = None
+        plan_path = self.out / "plan.json"
+        todo = [n for n in self.networks if n.net_id not in self.results]
+        stop = threading.Event()
+        failures: list[JobFailure] = []
+        pool: Pool | None = None
+        closer: threading.Thread | None = None
+        # MLflow (imports, migrations, parent run) starts while Ray boots: both take seconds.
+        background = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
+        opened = background.submit(self._open_tracking)
         try:
-            self.parent = self.tracker.start_parent(
-                self.out.name, _flatten(cfg.model_dump(mode="json")),
-                {"mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
-                 "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
-                 **{f"version.{k}": v for k, v in _versions().items()}})
-            self.tracker.log_artifact(self.parent, self.out / "config.yaml")
-            plan_path = self.out / "plan.json"
+            try:
+                if todo:
+                    pool = make_pool(ex.backend, address=self.address, device=ex.device, workers=ex.workers,
+                                     cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries)
+            finally:
+                opened.result()  # a tracking error wins: it names the fix
+                background.shutdown()
             if self.results and plan_path.exists():
                 self._reconcile(load_jobs(plan_path))
-            todo = [n for n in self.networks if n.net_id not in self.results]
-            stop = threading.Event()
-            failures = []
-            if todo:
-                ex = cfg.execution
-                pool = make_pool(ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                                 cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries)
-                with pool:
-                    if plan_path.exists():
-                        jobs = [j for j in load_jobs(plan_path)
-                                if any(sp.net_id not in self.results for sp in j.networks)]
-                    else:
-                        jobs = plan_packs(cfg, self.networks, n_workers=pool.n_workers,
-                                          memory_bytes=pool.memory_bytes, checkpoint_dir=self.out / "checkpoints",
-                                          skip=set(self.results))
-                        save_jobs(jobs, plan_path)
-                    self.console.print(
-                        f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
-                        f"{pool.device} worker(s); MLflow {self.tracking_uri}", soft_wrap=True)
-                    total = float(sum(self.by_id[sp.net_id].spec.width * j.dynamics.steps
-                                      for j in jobs for sp in j.networks if sp.net_id not in self.results))
-                    progress = Progress(
-                        TextColumn("[progress.description]{task.description}"), BarColumn(),
-                        TextColumn("{task.fields[networks]} networks"), TextColumn("{task.percentage:>3.0f}%"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=self.console, disable=not self.show_progress, transient=False)
-                    with progress, _stop_on_signals(stop):
-                        self._progress = progress
-                        self._task_id = progress.add_task(
-                            "training", total=total, networks=f"{len(self.results)}/{len(self.networks)}")
-                        failures = pool.run(jobs, self._on_event, stop)
-                        self._progress = None
+            if pool is not None:
+                if plan_path.exists():
+                    jobs = [j for j in load_jobs(plan_path)
+                            if any(sp.net_id not in self.results for sp in j.networks)]
+                else:
+                    jobs = plan_packs(cfg, self.networks, n_workers=pool.n_workers,
+                                      memory_bytes=pool.memory_bytes, checkpoint_dir=self.out / "checkpoints",
+                                      skip=set(self.results))
+                    save_jobs(jobs, plan_path)
+                self.console.print(
+                    f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
+                    f"{pool.device} worker(s); MLflow {self.tracking_uri}", soft_wrap=True)
+                total = float(sum(self.by_id[sp.net_id].spec.width * j.dynamics.steps
+                                  for j in jobs for sp in j.networks if sp.net_id not in self.results))
+                progress = Progress(
+                    TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    TextColumn("{task.fields[networks]} networks"), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=self.console, disable=not self.show_progress, transient=False)
+                with progress, _stop_on_signals(stop):
+                    self._progress = progress
+                    self._task_id = progress.add_task(
+                        "training", total=total, networks=f"{len(self.results)}/{len(self.networks)}")
+                    failures = pool.run(jobs, self._on_event, stop)
+                    self._progress = None
+                # Shutting Ray down takes a second or two: do it while the analysis runs.
+                closer = threading.Thread(target=pool.close, name="pool-close", daemon=True)
+                closer.start()
+                pool = None
                 for f in failures:
                     for sp in f.job.networks:
                         self._record(sp.net_id, NetStatus.FAILED.value, None, self.last_step.get(sp.net_id, 0),
@@ -297,10 +316,16 @@ class ScalingSweep:
                         f"resume with: mfsweep resume {self.out}")
             summary = self._finish()
         finally:
-            try:
-                self.tracker.close()
-            except Exception as err:  # report, but keep the primary error if any
-                self.console.print(f"[red]MLflow: {err}[/]")
+            if pool is not None:
+                pool.close()
+            if closer is not None:
+                closer.join(timeout=60)
+            tracker = getattr(self, "tracker", None)
+            if tracker is not None:
+                try:
+                    tracker.close()
+                except Exception as err:  # report, but keep the primary error if any
+                    self.console.print(f"[red]MLflow: {err}[/]")
         return summary
 
     # ------------------------------------------------------------------ analysis
@@ -364,25 +389,25 @@ class ScalingSweep:
         return {k: sorted((s, sum(v) / len(v)) for s, v in d.items()) for k, d in acc.items()}
 
     def _print_table(self, per_variant: dict[str, tuple[list[analysis.Point], analysis.Fit | None]]) -> None:
-        table = Table(title=f"{self.cfg.name}: final test loss by width (mean over seeds)")
-        widths = self.cfg.sweep.widths
-        table.add_column("variant")
-        for w in widths:
-            table.add_column(str(w), justify="right")
-        table.add_column("exponent [95% CI]", justify="right")
-        table.add_column("R²", justify="right")
-        for name, (pts, fit) in per_variant.items():
-            row = [name]
-            for w in widths:
+        """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits."""
+        table = Table(title=f"{self.cfg.name}: final test loss (mean over seeds)")
+        table.add_column("width", justify="right")
+        for name in per_variant:
+            table.add_column(name, justify="right")
+        for w in self.cfg.sweep.widths:
+            row = [str(w)]
+            for pts, _ in per_variant.values():
                 vals = [p.test_loss for p in pts if p.width == w and p.status == "finished"
                         and p.test_loss is not None]
                 bad = sum(1 for p in pts if p.width == w and p.status != "finished")
                 cell = f"{sum(vals) / len(vals):.3g}" if vals else "-"
                 row.append(cell + (f" ({bad} failed)" if bad else ""))
-            if fit is not None:
-                row += [f"{fit.exponent:.3f} [{fit.exponent_ci95[0]:.3f}, {fit.exponent_ci95[1]:.3f}]",
-                        f"{fit.r2:.3f}"]
-            else:
-                row += ["-", "-"]
             table.add_row(*row)
+        fits = []
+        for _, fit in per_variant.values():
+            fits.append(f"{fit.exponent:+.2f} [{fit.exponent_ci95[0]:+.2f}, {fit.exponent_ci95[1]:+.2f}]"
+                        if fit is not None else "-")
+        table.add_section()
+        table.add_row("exponent", *fits)
+        table.add_row("R²", *[f"{fit.r2:.2f}" if fit is not None else "-" for _, fit in per_variant.values()])
         Console().print(table)

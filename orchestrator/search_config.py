@@ -110,7 +110,8 @@ class ParamConfig(Strict):
     """Grid spacing of an int/float parameter."""
     when: dict[str, Any] | None = None
     """Only suggest this parameter when conditions on earlier parameters hold, e.g.
-    {dynamics.birth_death.rate: {gt: 0}}; a scalar means eq, a list means in. Ops: eq ne gt ge lt le in not_in."""
+    {dynamics.birth_death.rate: {gt: 0}}; a scalar means eq, a list means in.
+    Ops: eq ne gt ge lt le in not_in."""
 
     @model_validator(mode="after")
     def _shape(self) -> ParamConfig:
@@ -150,7 +151,8 @@ class ParamConfig(Strict):
                     raise ValueError(f"when.{param} is empty; give e.g. {{gt: 0}}")
                 for op, value in spec.items():
                     if op not in _OPS:
-                        raise ValueError(f"when.{param}: unknown operator '{op}'; use one of {', '.join(_OPS)}")
+                        raise ValueError(f"when.{param}: unknown operator '{op}'; use one of "
+                                         f"{', '.join(_OPS)}")
                     if op in ("in", "not_in") and not isinstance(value, list):
                         raise ValueError(f"when.{param}.{op} needs a list, got {value!r}")
                     if op in ("gt", "ge", "lt", "le") and (
@@ -207,13 +209,14 @@ class PrunerConfig(Strict):
     name: Literal["auto", "successive_halving", "hyperband", "median", "none"] = "auto"
     """auto (successive_halving, or none for pareto) | successive_halving | hyperband | median | none."""
     min_resource: int | None = Field(None, ge=1)
-    """successive_halving/hyperband: steps before the first rung (None = max(eval_every, steps / rf^2))."""
+    """successive_halving/hyperband: resource before the first rung, in steps (particle-steps under a
+    particle-step budget); None = the budget / reduction_factor^2 (at least eval_every steps)."""
     reduction_factor: int = Field(3, ge=2)
     """successive_halving/hyperband: keep the best 1/reduction_factor at each rung."""
     n_startup_trials: int = Field(4, ge=0)
     """median: trials that are never pruned, to build the median."""
     n_warmup_steps: int | None = Field(None, ge=0)
-    """median: steps before a trial can be pruned (None = steps / 5)."""
+    """median: resource (as min_resource) before a trial can be pruned (None = the budget / 5)."""
 
 
 class FidelityConfig(Strict):
@@ -329,7 +332,8 @@ def _format(err: ValidationError, where: str) -> str:
         return f"{where}: unknown key '{loc}'{hint}"
     got = first.get("input")
     got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-    return f"{where}: {loc}: {msg}{got_s}"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{where}: {loc}: {msg}{got_s}{more}"
 
 
 def _check_space(cfg: SearchConfig, where: str) -> None:
@@ -356,7 +360,8 @@ def _check_space(cfg: SearchConfig, where: str) -> None:
         seen.append(key)
         if key == WIDTH:
             if s.fidelity is not None:
-                raise ConfigError(f"{at}: width cannot be searched with search.fidelity (the fidelity sets it)")
+                raise ConfigError(f"{at}: width cannot be searched with search.fidelity (the fidelity sets "
+                                  "it)")
             bad = [v for v in param.endpoints() if not isinstance(v, int | float) or isinstance(v, bool)
                    or v < 1 or v != int(v)]
             if bad:

@@ -24,7 +24,7 @@ def pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
     p.close()
 
 
-def jobs_for(tmp_path: Path, pool: Pool):  # noqa: ANN201
+def jobs_for(tmp_path: Path, pool: Pool):
     nets = plan_networks(CFG)
     return nets, plan_packs(CFG, nets, n_workers=pool.n_workers, memory_bytes=pool.memory_bytes,
                             checkpoint_dir=tmp_path / "ck")

@@ -187,8 +187,6 @@ def test_checkpoint_between_retire_and_report_keeps_the_numbers(tmp_path: Path) 
     _assert_identical(full, loaded)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: Pack.state_dict does not save the retirements a report "
-                   "has not emitted yet (Pack._pending), so the resumed pack's next report drops them")
 def test_checkpoint_between_retire_and_report_keeps_pending_records(tmp_path: Path) -> None:
     full, _ = _with_retirements(upto=5)
     part, _ = _with_retirements(upto=5)

@@ -185,11 +185,11 @@ def test_retire_leaves_other_trajectories_unchanged() -> None:
     with pytest.raises(KeyError):
         cut.particles(2)
     rest_full, rest_cut = run_reports(full), run_reports(cut)
-    # The width-6 group keeps two or more rows, so here the numbers must agree bit for bit.
-    assert only(rest_full, [1, 3, 4]) == rest_cut
+    # Reductions over a group's (P, S, n) view may round differently when S changes: PACK_RTOL, not bits.
+    assert_reports_close(rest_cut, only(rest_full, [1, 3, 4]))
     assert cut.retired[2].step == 5 and cut.retired[2].final_test_loss == 0.5
     for nid in (1, 3, 4):
-        assert full.retired[nid].final_test_loss == cut.retired[nid].final_test_loss
+        assert full.retired[nid].final_test_loss == pytest.approx(cut.retired[nid].final_test_loss, rel=1e-12)
 
     # Retiring every network of a group removes the group; the others still match.
     a = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64)

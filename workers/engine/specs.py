@@ -27,7 +27,7 @@ class Unit(str, enum.Enum):
 
 
 class Parametrization(str, enum.Enum):
-    """Output scaling. ``mean_field``: f = (1/n) sum c phi, raw lr = n*dt. ``ntk``: f = n^-1/2 sum c phi, raw lr = dt."""
+    """Output scaling. ``mean_field``: f = (1/n) sum c phi, raw lr n*dt. ``ntk``: f = n^-1/2 sum c phi, raw lr dt."""
 
     MEAN_FIELD = "mean_field"
     NTK = "ntk"
@@ -93,6 +93,21 @@ def _require(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _coerce_enums(obj: Any) -> None:
+    """Turn plain strings given for enum fields into members (a bad value is a clear ValueError)."""
+    import typing
+
+    for f in dataclasses.fields(obj):
+        tp = typing.get_type_hints(type(obj)).get(f.name)
+        value = getattr(obj, f.name)
+        if isinstance(tp, type) and issubclass(tp, enum.Enum) and not isinstance(value, tp):
+            try:
+                object.__setattr__(obj, f.name, tp(value))
+            except ValueError:
+                allowed = ", ".join(m.value for m in tp)
+                raise ValueError(f"{f.name} must be one of {allowed}; got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Component:
     """One term a * N(x; mean, var I) of a Gaussian-mixture target."""
@@ -131,6 +146,7 @@ class TaskSpec:
     """Std of the Gaussian input measure (measure=gaussian)."""
 
     def __post_init__(self) -> None:
+        _coerce_enums(self)
         _require(self.dim >= 1, f"task.dim must be >= 1, got {self.dim}")
         _require(self.out_dim >= 1, f"task.out_dim must be >= 1, got {self.out_dim}")
         _require(self.teacher_units >= 1, f"task.teacher_units must be >= 1, got {self.teacher_units}")
@@ -181,6 +197,7 @@ class ModelSpec:
     prior is what lets the cloud escape a bad initialization."""
 
     def __post_init__(self) -> None:
+        _coerce_enums(self)
         _require(self.gaussian_var > 0, f"model.gaussian_var must be > 0, got {self.gaussian_var}")
 
 
@@ -205,6 +222,7 @@ class DynamicsSpec:
     """A network whose loss is non-finite or above this is retired as diverged."""
 
     def __post_init__(self) -> None:
+        _coerce_enums(self)
         _require(self.steps >= 1, f"dynamics.steps must be >= 1, got {self.steps}")
         _require(self.batch_size >= 1, f"dynamics.batch_size must be >= 1, got {self.batch_size}")
         _require(self.eval_every >= 1, f"dynamics.eval_every must be >= 1, got {self.eval_every}")
@@ -232,6 +250,7 @@ class NetworkSpec:
     bd_scheme: Scheme = Scheme.CLONE
 
     def __post_init__(self) -> None:
+        _coerce_enums(self)
         _require(self.width >= 1, f"network width must be a positive integer, got {self.width}")
         _require(
             math.isfinite(self.lr) and self.lr > 0, f"learning rate (dt) must be finite and > 0, got {self.lr}"

@@ -1,0 +1,196 @@
+"""A 64-trial Optuna search on the teacher task, two ways, on the same space, sampler and seed, and budget:
+
+(a) what Optuna users do today: ``study.optimize`` with one trial at a time in the driver process, each trial
+    training a ``torch.nn.Module`` with ``torch.optim.SGD`` (mean-field scaling, the same initial particles
+    and batches as the engine, birth-death written in plain torch), no pruning unless --baseline-pruner;
+(b) ``mfsweep search`` as a user runs it (a subprocess of the real CLI: Ray pool, packing, pruning, MLflow,
+    plots), on configs/search/bd_teacher.yaml with 64 trials and no width fidelity.
+
+    python bench/search.py                                   # 64 trials, the config's budget (600 steps)
+    python bench/search.py --trials 16 --steps 200           # a quick look
+
+The last line printed is one JSON object: wall seconds of each, speedup, total particle-steps of each
+(width x steps actually trained), best value of each, and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from orchestrator.search import make_sampler, suggest  # noqa: E402
+from orchestrator.search_config import SearchConfig, load_search  # noqa: E402
+from workers.engine import DataStream, derive_seed, generator, init_particles, make_task  # noqa: E402
+from workers.engine.rng import NETWORK_STREAM  # noqa: E402
+
+CONFIG = ROOT / "configs" / "search" / "bd_teacher.yaml"
+
+
+class MeanFieldNet(torch.nn.Module):
+    """What a user writes: f(x) = (1/n) sum_i c_i relu(w_i . x + b_i)."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w.clone())
+        self.b = torch.nn.Parameter(b.clone())
+        self.c = torch.nn.Parameter(c.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.w.T + self.b) @ self.c / self.w.shape[0]
+
+
+@torch.no_grad()
+def birth_death_(net: MeanFieldNet, potential: torch.Tensor, alpha: float, dt: float, prior: bool,
+                 draw: Any, gen: torch.Generator) -> None:
+    """Plain-torch birth-death step (SCIENCE.md section 4, per-time rate): above-average potential dies,
+    below-average clones; kills are refilled by copies of uniform particles (clone) or prior draws (prior),
+    clones overwrite uniform particles, so n stays fixed."""
+    n = potential.shape[0]
+    beta = potential - potential.mean()
+    p = -torch.expm1(-alpha * beta.abs() * dt)
+    event = torch.rand(n, generator=gen) < p
+    kill = (event & (beta > 0)).nonzero().squeeze(1)
+    clone = (event & (beta < 0)).nonzero().squeeze(1)
+    src = torch.arange(n)
+    if clone.numel():
+        src[torch.randint(0, n, (clone.numel(),), generator=gen)] = clone
+    if kill.numel() and not prior:
+        src[kill] = torch.randint(0, n, (kill.numel(),), generator=gen)
+    for prm in (net.w, net.b, net.c):
+        prm.copy_(prm[src])
+    if kill.numel() and prior:
+        w, b, _ = draw(kill.numel())
+        net.w[kill], net.b[kill], net.c[kill] = w, b, 0.0
+
+
+def baseline(cfg: SearchConfig, trials: int, pruner: str) -> dict[str, Any]:
+    """(a): study.optimize, one trial at a time, nn.Module + torch.optim in this process."""
+    base, _ = cfg.resolve({})
+    task = make_task(base.task.spec())
+    model = base.model.spec()
+    xt, yt = task.test_set()
+    particle_steps = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal particle_steps
+        params = suggest(trial, cfg.search.space)
+        tcfg, n = cfg.resolve(params)
+        dyn = tcfg.dynamics
+        gen = generator(derive_seed(derive_seed(cfg.search.seed, 0), NETWORK_STREAM))
+        w, b, c = init_particles(task, model, n, gen)
+        assert b is not None
+        net = MeanFieldNet(w, b, c)
+        opt = torch.optim.SGD(net.parameters(), lr=dyn.lr * n)  # mean-field: raw lr = n dt
+        data = DataStream(task, tcfg.dynamics.spec(), cfg.search.seed, exact=False)
+        bd = dyn.birth_death
+
+        def draw(k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            return init_particles(task, model, k, gen, prior=True)
+
+        for step in range(1, dyn.steps + 1):
+            batch = data.next()
+            assert batch is not None
+            x, y = batch
+            loss = 0.5 * (net(x) - y).square().sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            assert net.c.grad is not None
+            potential = (net.c * net.c.grad).sum(1) * n  # V_i = c_i E[(f_n - f) phi_i], before the step
+            opt.step()
+            if bd.rate > 0 and step <= dyn.steps - bd.quench:
+                birth_death_(net, potential, bd.rate, dyn.lr, bd.scheme.value == "prior", draw, gen)
+            particle_steps += n
+            if step % dyn.eval_every == 0 or step == dyn.steps:
+                with torch.no_grad():
+                    test = float(0.5 * (net(xt) - yt).square().sum(1).mean())
+                if not math.isfinite(test) or test > dyn.diverge_threshold:
+                    return float("nan")  # Optuna fails the trial
+                trial.report(test, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+        return test
+
+    pr: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
+    if pruner == "successive_halving":
+        from orchestrator.search import make_pruner
+
+        pr = make_pruner(cfg)
+    study = optuna.create_study(sampler=make_sampler(cfg, 0), pruner=pr)
+    t0 = time.perf_counter()
+    study.optimize(objective, n_trials=trials)
+    wall = time.perf_counter() - t0
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = min(done, key=lambda t: t.values[0])
+    states: dict[str, int] = {}
+    for t in study.trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    return {"wall_s": wall, "particle_steps": particle_steps, "best": best.values[0],
+            "best_params": best.params, "states": states}
+
+
+def mfsweep(sets: list[str], backend: str) -> dict[str, Any]:
+    """(b): the real CLI in a subprocess (startup, Ray, MLflow and plots included in the wall time)."""
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        out = Path(tmp) / "out"
+        cmd = [sys.executable, "-m", "orchestrator.cli", "search", str(CONFIG), "--out", str(out),
+               "--no-progress", "--backend", backend]
+        for s in sets:
+            cmd += ["--set", s]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"mfsweep search failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        summary = json.loads((out / "summary.json").read_text())
+    return {"wall_s": wall, "particle_steps": summary["particle_steps"], "best": summary["best"]["value"],
+            "best_params": summary["best"]["params"], "states": summary["states"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None, help="override dynamics.steps (the budget)")
+    ap.add_argument("--parallel", type=int, default=16, help="mfsweep: trials per round")
+    ap.add_argument("--backend", default="ray", choices=["ray", "local"], help="mfsweep pool")
+    ap.add_argument("--baseline-pruner", default="none", choices=["none", "successive_halving"],
+                    help="give (a) the same pruner as (b)")
+    args = ap.parse_args()
+    sets = [f"search.trials={args.trials}", "search.fidelity=null", f"search.parallel={args.parallel}"]
+    if args.steps:
+        sets.append(f"dynamics.steps={args.steps}")
+    cfg = load_search(CONFIG, sets)
+    b = mfsweep(sets, args.backend)
+    print(f"(b) mfsweep search: {b['wall_s']:.1f} s, best {b['best']:.4g}, {b['states']}", flush=True)
+    a = baseline(cfg, args.trials, args.baseline_pruner)
+    print(f"(a) study.optimize + nn.Module: {a['wall_s']:.1f} s, best {a['best']:.4g}, {a['states']}",
+          flush=True)
+    print(json.dumps({
+        "trials": args.trials, "steps": cfg.dynamics.steps, "width": cfg.search.trial_width,
+        "parallel": args.parallel, "backend": args.backend, "sampler": cfg.search.sampler.name,
+        "seed": cfg.search.sampler.seed, "baseline_pruner": args.baseline_pruner,
+        "mfsweep_pruner": cfg.search.pruner_name,
+        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "optimize_s": round(a["wall_s"], 2), "mfsweep_s": round(b["wall_s"], 2),
+        "speedup": round(a["wall_s"] / b["wall_s"], 2),
+        "optimize_particle_steps": a["particle_steps"], "mfsweep_particle_steps": b["particle_steps"],
+        "optimize_best": a["best"], "mfsweep_best": b["best"],
+        "optimize_states": a["states"], "mfsweep_states": b["states"],
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1029 @@
+"""``mfsweep search``: Optuna search over architectures and dynamics, trained packed on the worker pool.
+
+This is the only module of the project that imports optuna.
+
+Execution (ask/tell, in rounds): each round asks ``search.parallel`` trials, turns each into a network spec
+(its parameters applied to the base config), packs compatible networks together (same pack key: task, unit,
+dynamics schedule, dtype; per-network lr, parametrization, temperature, birth-death rate/scheme and width
+differ freely inside a pack) and trains the packs on the pool. Every report's test loss reaches
+``trial.report``; a trial the pruner stops leaves its pack (``pool.request_retire``) while its pack-mates go
+on. The particle-steps a trial actually trained (width x steps) are stored as the user attr
+``particle_steps``.
+
+Choices worth knowing:
+    * A diverged network (non-finite or huge loss) makes its trial FAIL with the reason in the user attr
+      ``mfsweep.reason``; a large made-up value would distort the sampler's model of the loss surface.
+    * Every trial trains from the same initial stream and data stream (``search.seed``): trials differ only
+      in their parameters (common random numbers), and a retried trial reproduces its numbers.
+    * Resume: one driver per output folder (a lock file). On start, trials of this search that a dead
+      driver left RUNNING are failed with a reason and re-enqueued once with the same parameters; a failed
+      trial that has a retry does not count toward ``search.trials``. RDB storages also get Optuna's
+      heartbeat (stale trials of other drivers sharing the study are failed and retried the same way).
+      The sampler is reseeded from (seed, trials so far), so a resumed search does not replay its draws.
+
+Output folder layout:
+    search.yaml   the resolved search config     state.json        study, storage, search key, MLflow URI
+    optuna.journal  the default storage          mlflow_synced.json  trials whose MLflow run is final
+    summary.json, best_config.yaml, *.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, Trial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from workers.engine import NetStatus, NetworkSpec, Retired, derive_seed, estimate_pack_bytes, make_task
+from workers.engine import uses_exact_energy as _uses_exact
+from workers.jobs import PackEvent, PackJob
+
+from .config import ConfigError, ScalingConfig, dump, load
+from .plan import _pack_key
+from .pool import make_pool
+from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
+from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
+from .tracking import Tracker
+
+__all__ = ["SearchRun", "StorageError", "resume_search", "run_search_cli", "suggest"]
+
+EXIT_SERVICE = 3
+KEY_ATTR = "mfsweep.search_key"
+DRIVER_ATTR = "mfsweep.driver"
+RETRY_ATTR = "mfsweep.retry_of"
+REASON_ATTR = "mfsweep.reason"
+PS_ATTR = "particle_steps"
+FIDELITY_PREFIX = "mfsweep.fidelity"
+HEARTBEAT_S = 10
+GRACE_S = 60
+# Promoted (fidelity) networks need ids that never collide with trial numbers inside a pack.
+_PROMOTED_BASE = 1 << 40
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be used (one line naming the fix)."""
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Optuna marks heartbeats, matplotlib plots and multivariate TPE experimental: not news to a user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        yield
+
+
+# --------------------------------------------------------------------------- space, sampler, pruner
+
+
+def suggest(trial: Trial, space: Mapping[str, ParamConfig]) -> dict[str, Any]:
+    """Suggest every active parameter in order; a parameter whose ``when`` fails is not suggested (the
+    base config's value applies)."""
+    params: dict[str, Any] = {}
+    for key, p in space.items():
+        if not all(c.holds(params) for c in p.conditions()):
+            continue
+        if p.type == "categorical":
+            params[key] = trial.suggest_categorical(key, list(p.choices or []))
+        elif p.type == "int":
+            assert p.low is not None and p.high is not None
+            params[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            assert p.low is not None and p.high is not None
+            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+def make_sampler(cfg: SearchConfig, n_existing: int) -> optuna.samplers.BaseSampler:
+    s = cfg.search.sampler
+    # Reseed on resume: the same seed would replay the first session's random draws.
+    seed = s.seed if n_existing == 0 else derive_seed(s.seed, n_existing) % (2**32)
+    startup: dict[str, Any] = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
+    with _quiet():
+        if s.name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                              **startup)
+        if s.name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **startup)
+        if s.name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False, **startup)
+        if s.name == "nsga2":
+            pop = s.population_size or max(8, cfg.search.parallel)
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
+    """The pruner; its resource is the step, or the particle-steps under a particle-step budget (trials of
+    different widths then meet at the same compute, not at the same step)."""
+    p = cfg.search.pruner
+    obj = cfg.search.objective
+    if obj.budget == "particle_steps":
+        assert obj.particle_steps is not None
+        steps = obj.particle_steps
+        min_resource = p.min_resource or max(1, steps // (p.reduction_factor ** 2))
+    else:
+        base, _ = cfg.resolve({})
+        steps, every = base.dynamics.steps, base.dynamics.eval_every
+        min_resource = p.min_resource or max(every, steps // (p.reduction_factor ** 2))
+    name = cfg.search.pruner_name
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource,
+                                                      reduction_factor=p.reduction_factor)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=steps,
+                                              reduction_factor=p.reduction_factor)
+    if name == "median":
+        warm = p.n_warmup_steps if p.n_warmup_steps is not None else steps // 5
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=warm)
+    return optuna.pruners.NopPruner()
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _repair_journal(path: Path) -> None:
+    """Drop a torn last line (a driver killed mid-write); the next append would make it unreadable."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, FrozenTrial], None]
+                 ) -> tuple[optuna.storages.BaseStorage, str]:
+    """(storage, description): the journal file in ``out`` by default, else an RDB URL (with heartbeat)."""
+    if url is None or url.startswith("journal:") or not re.match(r"^[a-z][a-z0-9+]*://", url):
+        path = out / "optuna.journal" if url is None else Path(url.removeprefix("journal:"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _repair_journal(path)
+            # Only this driver (it holds the output folder's lock) writes here: a lock file left by a
+            # killed driver is stale, and waiting out Optuna's 30 s grace period would only delay resume.
+            lock = Path(str(path) + ".lock")
+            if url is None and lock.is_symlink():
+                lock.unlink()
+            backend = JournalFileBackend(str(path))
+            return optuna.storages.JournalStorage(backend), f"journal file {path}"
+        except OSError as err:
+            raise StorageError(f"cannot use journal file {path}: {err.strerror}; pass a writable --out or "
+                               "--storage") from None
+    try:
+        with _quiet():
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
+    except Exception as err:  # sqlalchemy errors, missing drivers, bad URLs
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StorageError(f"cannot open Optuna storage {_redact(url)}: {first[:200]}; check --storage "
+                           "(e.g. postgresql://user:pass@host/db) or omit it for a journal file") from None
+    return storage, _redact(url)
+
+
+@contextlib.contextmanager
+def _driver_lock(out: Path) -> Iterator[None]:
+    """One live driver per output folder; the OS drops the lock when the driver dies (even by SIGKILL)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "driver.lock"
+    fh = path.open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise ConfigError(f"another mfsweep search (pid {pid}) is running in {out}; wait for it to end or "
+                          "pass another --out") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+# --------------------------------------------------------------------------- one trial in flight
+
+
+@dataclass
+class _Live:
+    """A network in flight: a trial's (``trial`` set) or a promoted fidelity run's (``trial`` None)."""
+
+    net_id: int
+    number: int
+    params: dict[str, Any]
+    width: int
+    steps: int
+    run_id: str
+    trial: Trial | None = None
+    cfg: ScalingConfig | None = None
+    last_step: int = 0
+    seen_step: int = -1
+    """Highest report step handled: a pack retried from scratch replays its reports."""
+    last_loss: float | None = None
+    prune_at: int | None = None
+    retired: Retired | None = None
+    fail_reason: str | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def steps_trained(self) -> int:
+        if self.retired is not None:
+            return self.retired.step
+        return self.last_step
+
+    @property
+    def particle_steps(self) -> int:
+        return self.width * self.steps_trained
+
+
+def _budget_counts(trials: Sequence[FrozenTrial]) -> tuple[int, int, set[int]]:
+    """(finished trials that count toward the budget, RUNNING trials, numbers of trials that were retried)."""
+    retried = {int(t.user_attrs[RETRY_ATTR]) for t in trials if RETRY_ATTR in t.user_attrs}
+    done = sum(1 for t in trials if t.state.is_finished()
+               and not (t.state == TrialState.FAIL and t.number in retried))
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    return done, running, retried
+
+
+class SearchRun:
+    """Runs (or resumes) one search into ``out``.
+
+    Invariants: a trial is told exactly once; a trial a dead driver left RUNNING is failed with a reason and
+    retried exactly once with the same parameters; finished trials count toward ``search.trials`` except
+    failed ones that were retried; every trial of this search has one MLflow child run whose final state
+    matches the trial's.
+    """
+
+    def __init__(self, cfg: SearchConfig, out: Path, *, storage: str | None = None, study: str | None = None,
+                 tracking_uri: str | None = None, address: str | None = None, console: Console | None = None,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.address = address
+        self.console = console or Console(stderr=True)
+        self.show_progress = progress
+        state_path = out / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        if state and storage is not None and storage != state.get("storage"):
+            held = _redact(state.get("storage") or "its journal file")
+            raise ConfigError(f"{out} holds study '{state.get('study')}' on {held}; pass the same --storage "
+                              "or another --out")
+        if state and study is not None and study != state.get("study"):
+            raise ConfigError(f"{out} holds study '{state.get('study')}', not '{study}'; pass the same "
+                              "--study or another --out")
+        self.storage_url: str | None = storage if storage is not None else state.get("storage")
+        self.study_name: str = study or state.get("study") or cfg.name
+        default_uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        self.tracking_uri: str = tracking_uri or state.get("tracking_uri") or default_uri
+        self.search_key: str = state.get("search_key") or uuid.uuid4().hex
+        self.driver_id = uuid.uuid4().hex[:12]
+        self.single = cfg.search.objective.mode == "single"
+        self.can_prune = self.single and cfg.search.pruner_name != "none"
+        # Under a particle-step budget Optuna's "step" (the pruner's resource) is particle-steps.
+        self.compute_resource = cfg.search.objective.budget == "particle_steps"
+        self.stop = threading.Event()
+        self.live: dict[int, _Live] = {}
+        self._resolved: dict[str, tuple[ScalingConfig, int]] = {}
+        self._progress: Progress | None = None
+        self._task_id: Any = None
+        self._done_before = 0
+        self._hb_stop = threading.Event()
+        self._state = {"search_key": self.search_key, "study": self.study_name, "storage": self.storage_url,
+                       "tracking_uri": self.tracking_uri, "name": cfg.name}
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> dict[str, Any]:
+        out = self.out
+        with _driver_lock(out):
+            (out / "state.json").write_text(json.dumps(self._state, indent=1))
+            (out / "search.yaml").write_text(dump(self.cfg))
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            storage, where = open_storage(self.storage_url, out, self._on_stale)
+            self.storage_desc = where
+            try:
+                self.study = optuna.create_study(
+                    storage=storage, study_name=self.study_name, load_if_exists=True,
+                    directions=["minimize"] if self.single else ["minimize", "minimize"])
+            except ValueError as err:  # an existing study with other directions
+                raise ConfigError(f"study '{self.study_name}' on {where}: {err}; pick another --study"
+                                  ) from None
+            except Exception as err:
+                raise StorageError(f"cannot open study '{self.study_name}' on {where}: "
+                                   f"{str(err).strip().splitlines()[0][:200]}") from None
+            self.study.sampler = make_sampler(self.cfg, len(self.study.get_trials(deepcopy=False)))
+            self.study.pruner = make_pruner(self.cfg)
+            self.tracker = Tracker(self.tracking_uri, self.cfg.name)
+            try:
+                return self._run()
+            finally:
+                self._hb_stop.set()
+                try:
+                    self.tracker.close()
+                except Exception as err:  # report, but keep the primary error if any
+                    self.console.print(f"[red]MLflow: {err}[/]", soft_wrap=True)
+
+    # ------------------------------------------------------------------ driver
+    def _run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        base = cfg.base_raw()
+        base.pop("execution")
+        params = {**_flatten(base), **_flatten({"search": cfg.search.model_dump(mode="json")})}
+        params.pop("search.trials")  # may grow on resume (MLflow params are immutable; it goes in a tag)
+        params = {k: v for k, v in params.items() if not k.startswith("search.space")}
+        params["search.space"] = json.dumps(cfg.search.model_dump(mode="json")["space"])[:6000]
+        self.parent = self.tracker.start_parent(self.study_name, params, {
+            "mfsweep.sweep_key": self.search_key, "mfsweep.kind": "search", "mfsweep.study": self.study_name,
+            "mfsweep.storage": self.storage_desc, "mfsweep.trials": str(cfg.search.trials),
+            "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
+            **{f"version.{k}": v for k, v in _versions().items()}})
+        self.tracker.log_artifact(self.parent, self.out / "search.yaml")
+        self._recover()
+        self._sync_mlflow()
+        target = cfg.search.trials
+        done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        if done < target or self._fidelity_todo():
+            ex = cfg.execution
+            pool = make_pool(ex.backend, address=self.address, device=ex.device, workers=ex.workers,
+                             cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries)
+            with pool:
+                self.pool = pool
+                self._heartbeat_thread()
+                self.console.print(
+                    f"[bold]{cfg.name}[/]: study '{self.study_name}' ({self.storage_desc}), {done}/{target} "
+                    f"trials done, {cfg.search.parallel} per round on {pool.n_workers} {pool.device} "
+                    f"worker(s); MLflow {self.tracking_uri}", soft_wrap=True, highlight=False)
+                progress = Progress(
+                    TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    TextColumn("{task.fields[trials]} trials"), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=self.console, disable=not self.show_progress, transient=False)
+                with progress, _stop_on_signals(self.stop):
+                    self._progress = progress
+                    self._task_id = progress.add_task("search", total=float(target), completed=done,
+                                                      trials=f"{done}/{target}")
+                    self._loop(target)
+                    self._progress = None
+                if cfg.search.fidelity is not None:
+                    self._fidelity()
+        return self._finish()
+
+    def _loop(self, target: int) -> None:
+        while True:
+            if self.stop.is_set():
+                raise self._interrupted()
+            self._recover()
+            trials = self.study.get_trials(deepcopy=False)
+            done, running, _ = _budget_counts(trials)
+            self._done_before = done
+            self._advance()
+            # RUNNING trials here belong to other live drivers sharing the study: they count as in flight.
+            n = min(self.cfg.search.parallel, target - done - running)
+            if n <= 0:
+                return
+            self._round(n)
+
+    def _interrupted(self) -> Interrupted:
+        self.tracker.flush()
+        done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        return Interrupted(f"interrupted with {done}/{self.cfg.search.trials} trials done; resume with: "
+                           f"mfsweep resume {self.out}")
+
+    def _ask(self) -> Trial:
+        """A RUNNING trial marked as this driver's. A plain ask() would leave a window in which a killed
+        driver leaves a RUNNING trial nobody can attribute; so the trial is enqueued with our marks first
+        and ask() pops the oldest WAITING trial (ours, or a retry, which carries the search key too)."""
+        if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            self.study.enqueue_trial({}, user_attrs={KEY_ATTR: self.search_key, DRIVER_ATTR: self.driver_id})
+        with warnings.catch_warnings():
+            # We record heartbeats ourselves (see _heartbeat_thread); Optuna only expects optimize() to.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = self.study.ask()
+        trial.set_user_attr(KEY_ATTR, self.search_key)
+        trial.set_user_attr(DRIVER_ATTR, self.driver_id)
+        return trial
+
+    def _round(self, n: int) -> None:
+        lives = [self._start_trial(self._ask()) for _ in range(n)]
+        runnable = [lv for lv in lives if lv.fail_reason is None]
+        jobs = self._pack(runnable, tag=f"t{lives[0].number:06d}")
+        if jobs:
+            failures = self.pool.run(jobs, self._on_event, self.stop)
+            for f in failures:
+                for sp in f.job.networks:
+                    lv = self.live.get(sp.net_id)
+                    if lv is not None and lv.retired is None:
+                        lv.fail_reason = f"pack failed: {f.reason}"
+        interrupted = []
+        for lv in lives:
+            if self.stop.is_set() and lv.retired is None and lv.fail_reason is None and lv.prune_at is None:
+                interrupted.append(lv)
+            else:
+                self._tell(lv)
+            self.live.pop(lv.net_id, None)
+        for lv in interrupted:
+            why = f"driver interrupted at step {lv.last_step}; retried as a new trial"
+            self._retry(self._frozen(lv.number), why)
+            self._log_end(lv.run_id, self._frozen(lv.number))
+        self._flush_synced([lv.number for lv in lives])
+        if self.stop.is_set():
+            raise self._interrupted()
+
+    # ------------------------------------------------------------------ trials
+    def _frozen(self, number: int) -> FrozenTrial:
+        t = self.study.get_trials(deepcopy=False)[number]  # numbers are list positions within a study
+        assert t.number == number
+        return t
+
+    def _resolve(self, params: Mapping[str, Any], width: int | None = None) -> tuple[ScalingConfig, int]:
+        key = json.dumps([params, width], sort_keys=True, default=str)
+        hit = self._resolved.get(key)
+        if hit is None:
+            hit = self._resolved[key] = self.cfg.resolve(params, width)
+        return hit
+
+    def _start_trial(self, trial: Trial) -> _Live:
+        params = suggest(trial, self.cfg.search.space)
+        try:
+            tcfg, width = self._resolve(params)
+            reason = None
+        except ConfigError as err:
+            tcfg, width, reason = None, int(params.get(WIDTH, self.cfg.search.trial_width)), f"invalid: {err}"
+        steps = tcfg.dynamics.steps if tcfg is not None else self.cfg.steps_for(width)
+        trial.set_user_attr("width", width)
+        trial.set_user_attr("steps", steps)
+        run = self._child(trial.number, params, width, steps, tcfg)
+        lv = _Live(trial.number, trial.number, params, width, steps, run, trial=trial, cfg=tcfg,
+                   fail_reason=reason)
+        self.live[lv.net_id] = lv
+        return lv
+
+    def _child(self, number: int, params: Mapping[str, Any], width: int, steps: int,
+               tcfg: ScalingConfig | None, suffix: str = "") -> str:
+        key = f"trial-{number:05d}{suffix}"
+        p: dict[str, Any] = {**params, "trial_number": number, "width": width, "steps": steps}
+        if tcfg is not None:
+            p.update({"unit": tcfg.model.unit.value, "parametrization": tcfg.model.parametrization.value,
+                      "lr": tcfg.dynamics.lr, "batch_size": tcfg.dynamics.batch_size,
+                      "temperature": tcfg.dynamics.temperature, "bd_rate": tcfg.dynamics.birth_death.rate,
+                      "bd_scheme": tcfg.dynamics.birth_death.scheme.value})
+        return self.tracker.start_child(self.parent, key, key, p, {"mfsweep.trial_number": str(number)})
+
+    def _spec(self, lv: _Live) -> NetworkSpec:
+        assert lv.cfg is not None
+        d, m = lv.cfg.dynamics, lv.cfg.model
+        return NetworkSpec(net_id=lv.net_id, width=lv.width, seed=derive_seed(self.cfg.search.seed, 0),
+                           lr=d.lr, parametrization=m.parametrization, temperature=d.temperature,
+                           bd_rate=d.birth_death.rate, bd_scheme=d.birth_death.scheme)
+
+    def _pack(self, lives: Sequence[_Live], tag: str) -> list[PackJob]:
+        """Compatible networks share a pack; each group is split over the workers, balanced by width and
+        within the memory a worker may use."""
+        import torch
+
+        ex = self.cfg.execution
+        groups: dict[str, list[_Live]] = {}
+        for lv in lives:
+            assert lv.cfg is not None
+            groups.setdefault(_pack_key(lv.cfg), []).append(lv)
+        budget = self.pool.memory_bytes * ex.memory_fraction
+        jobs: list[PackJob] = []
+        for members in groups.values():
+            c = members[0].cfg
+            assert c is not None
+            task_spec, model, dyn = c.task.spec(), c.model.spec(), c.dynamics.spec()
+            task = make_task(task_spec)
+            exact = _uses_exact(task, model, dyn)
+            batch = task_spec.n_train if dyn.algorithm.value == "gd" and not exact else dyn.batch_size
+
+            def mem(ws: Sequence[int], _b: int = batch, _e: bool = exact, _t: Any = task,
+                    _n: int = task_spec.n_test, _dt: str = c.execution.dtype) -> int:
+                return estimate_pack_bytes(ws, batch=_b, dim=_t.dim, out_dim=_t.out_dim,
+                                           dtype=getattr(torch, _dt), exact=_e, n_test=_n)
+
+            fits = []
+            for lv in members:
+                if mem([lv.width]) > budget:
+                    lv.fail_reason = (f"width {lv.width} needs ~{mem([lv.width]) / 2**30:.1f} GiB, more than "
+                                      f"the {budget / 2**30:.1f} GiB a worker may use")
+                else:
+                    fits.append(lv)
+            if not fits:
+                continue
+            share = max(1, round(self.pool.n_workers * len(fits) / max(1, len(lives))))
+            n_bins = min(len(fits), max(share, math.ceil(len(fits) / ex.max_networks_per_pack)))
+            ordered = sorted(fits, key=lambda lv: -lv.width)
+            while True:
+                bins: list[list[_Live]] = [[] for _ in range(n_bins)]
+                loads = [0] * n_bins
+                for lv in ordered:  # longest processing time first
+                    i = min(range(n_bins), key=lambda j: (loads[j], len(bins[j])))
+                    bins[i].append(lv)
+                    loads[i] += lv.width
+                too_big = any(mem([lv.width for lv in b]) > budget or len(b) > ex.max_networks_per_pack
+                              for b in bins)
+                if not too_big or n_bins == len(fits):
+                    break
+                n_bins = min(len(fits), n_bins * 2)
+            for b in bins:
+                if not b:
+                    continue
+                # Pack ids are unique per search and round: a late retire request can never hit a later pack.
+                specs = tuple(sorted((self._spec(lv) for lv in b), key=lambda s: s.net_id))
+                jobs.append(PackJob(
+                    pack_id=f"{self.search_key[:8]}-{tag}-{len(jobs)}", task=task_spec, model=model,
+                    dynamics=dyn, networks=specs,
+                    data_seed=self.cfg.search.seed, dtype=c.execution.dtype, checkpoint=None))
+        jobs.sort(key=lambda j: -j.cost)
+        return jobs
+
+    def _on_event(self, ev: PackEvent) -> None:
+        rep = ev.report
+        for m in rep.metrics:
+            lv = self.live.get(m.net_id)
+            if lv is None or lv.prune_at is not None or m.step <= lv.seen_step:
+                continue
+            lv.last_step = lv.seen_step = m.step
+            vals = {"test_loss": m.test_loss}
+            if m.train_loss is not None:
+                vals["train_loss"] = m.train_loss
+            kc = rep.bd_events.get(m.net_id)
+            if kc is not None:
+                vals["bd_kills"], vals["bd_clones"] = float(kc[0]), float(kc[1])
+            self.tracker.log_metrics(lv.run_id, vals, m.step)
+            if not math.isfinite(m.test_loss):
+                continue
+            lv.last_loss = m.test_loss
+            lv.curve.append((m.step, m.test_loss))
+            if lv.trial is None or not self.single:
+                continue  # Optuna has no intermediate values for multi-objective studies
+            lv.trial.report(m.test_loss, m.step * lv.width if self.compute_resource else m.step)
+            if self.can_prune and 0 < m.step < lv.steps and lv.trial.should_prune():
+                lv.prune_at = m.step
+                self.pool.request_retire(ev.pack_id, m.net_id, NetStatus.PRUNED.value,
+                                         f"pruned by {self.cfg.search.pruner_name} at step {m.step}")
+        for r in rep.retired:
+            lv = self.live.get(r.net_id)
+            if lv is not None and lv.retired is None:
+                lv.retired = r
+        self._advance()
+
+    def _advance(self) -> None:
+        if self._progress is None:
+            return
+        frac = sum(min(1.0, lv.steps_trained / max(1, lv.steps)) if lv.prune_at is None and lv.retired is None
+                   else 1.0 for lv in self.live.values() if lv.trial is not None)
+        done = self._done_before + sum(1 for lv in self.live.values()
+                                       if lv.trial is not None and (lv.retired or lv.prune_at is not None))
+        self._progress.update(self._task_id, completed=self._done_before + frac,
+                              trials=f"{done}/{self.cfg.search.trials}")
+
+    def _tell(self, lv: _Live) -> None:
+        """Tell Optuna how the trial ended, then record it in MLflow."""
+        assert lv.trial is not None
+        r = lv.retired
+        values: list[float] | None = None
+        if lv.fail_reason is not None:
+            state, reason = TrialState.FAIL, lv.fail_reason
+        elif lv.prune_at is not None or (r is not None and r.status is NetStatus.PRUNED):
+            state, reason = TrialState.PRUNED, f"pruned at step {lv.prune_at or (r.step if r else 0)}"
+        elif r is None:
+            state, reason = TrialState.FAIL, "the pool ended without a result for this network"
+        elif r.status is NetStatus.FINISHED and r.final_test_loss is not None \
+                and math.isfinite(r.final_test_loss):
+            state, reason = TrialState.COMPLETE, "completed"
+            values = [r.final_test_loss] if self.single else [r.final_test_loss, float(lv.particle_steps)]
+        else:
+            state, reason = TrialState.FAIL, f"{r.status.value}: {r.reason}"
+        trial = lv.trial
+        trial.set_user_attr(PS_ATTR, lv.particle_steps)
+        trial.set_user_attr("steps_trained", lv.steps_trained)
+        trial.set_user_attr(REASON_ATTR, reason)
+        frozen = self.study.tell(trial, values, state=state, skip_if_finished=True)
+        self._log_end(lv.run_id, frozen)
+
+    # ------------------------------------------------------------------ recovery
+    def _retry(self, t: FrozenTrial, reason: str) -> None:
+        """Fail a trial that will never be told and enqueue its parameters once (idempotent: a driver killed
+        half-way through this is recovered by the next start)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if not any(tt.user_attrs.get(RETRY_ATTR) == t.number for tt in trials):
+            marks = {RETRY_ATTR: t.number, KEY_ATTR: self.search_key}
+            self.study.enqueue_trial(dict(t.params), user_attrs=marks)
+        if t.state == TrialState.RUNNING:
+            # The public Trial API needs the live object of the process that asked; the storage takes ids.
+            self.study._storage.set_trial_user_attr(t._trial_id, REASON_ATTR, reason)
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def _recover(self) -> None:
+        """Fail and retry the trials of this search that a dead driver left RUNNING (and, with a heartbeat
+        storage, stale trials of any driver)."""
+        with _quiet():
+            optuna.storages.fail_stale_trials(self.study)
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            ours = t.user_attrs.get(KEY_ATTR) == self.search_key
+            if ours and t.user_attrs.get(DRIVER_ATTR) != self.driver_id:
+                self._retry(t, f"driver {t.user_attrs.get(DRIVER_ATTR)} stopped before the trial ended "
+                               "(killed or crashed); retried as a new trial")
+                self.console.print(f"trial {t.number} was left running by a dead driver: failed and retried",
+                                   highlight=False)
+
+    def _on_stale(self, study: optuna.Study, t: FrozenTrial) -> None:
+        """Heartbeat-stale trial (already FAIL): enqueue its retry once."""
+        if not any(tt.user_attrs.get(RETRY_ATTR) == t.number for tt in study.get_trials(deepcopy=False)):
+            study.enqueue_trial(dict(t.params), user_attrs={RETRY_ATTR: t.number,
+                                                            "mfsweep.retry_reason": "heartbeat stale"})
+
+    def _heartbeat_thread(self) -> None:
+        """Record heartbeats of this driver's running trials (RDB storages), so that other drivers sharing the
+        study do not fail them as stale."""
+        storage = self.study._storage
+        if not isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) or \
+                storage.get_heartbeat_interval() is None:
+            return
+
+        def beat() -> None:
+            while not self._hb_stop.wait(HEARTBEAT_S):
+                with contextlib.suppress(Exception):  # a missed beat (or a racing dict) retries next interval
+                    for trial_id in [lv.trial._trial_id for lv in list(self.live.values()) if lv.trial]:
+                        storage.record_heartbeat(trial_id)
+
+        threading.Thread(target=beat, name="mfsweep-optuna-heartbeat", daemon=True).start()
+
+    # ------------------------------------------------------------------ MLflow
+    def _log_end(self, run_id: str, t: FrozenTrial) -> None:
+        final: dict[str, float] = {}
+        ps = t.user_attrs.get(PS_ATTR)
+        if ps is not None:
+            final[PS_ATTR] = float(ps)
+        if t.user_attrs.get("steps_trained") is not None:
+            final["steps_trained"] = float(t.user_attrs["steps_trained"])
+        if t.values:
+            final["final_test_loss"] = float(t.values[0])
+        step = int(t.user_attrs.get("steps_trained") or t.last_step or 0)
+        if final:
+            self.tracker.log_metrics(run_id, final, step)
+        reason = str(t.user_attrs.get(REASON_ATTR, "")) or ("retried" if t.state == TrialState.FAIL else "")
+        self.tracker.set_tags(run_id, {"optuna.state": t.state.name, "mfsweep.reason": reason[:500],
+                                       "mfsweep.trial_number": str(t.number)})
+        status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(t.state, "FAILED")
+        self.tracker.end_run(run_id, status)
+
+    def _synced_path(self) -> Path:
+        return self.out / "mlflow_synced.json"
+
+    def _synced(self) -> set[int]:
+        p = self._synced_path()
+        return set(json.loads(p.read_text())) if p.exists() else set()
+
+    def _flush_synced(self, numbers: Sequence[int]) -> None:
+        self.tracker.flush()  # the runs' ends are stored before we say so
+        synced = self._synced() | set(numbers)
+        tmp = self._synced_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(synced)))
+        os.replace(tmp, self._synced_path())
+
+    def _sync_mlflow(self) -> None:
+        """Give every finished trial of this search a final MLflow child run (trials a killed driver told, or
+        failed on recovery, may lack one)."""
+        synced = self._synced()
+        todo = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()
+                and t.number not in synced and t.user_attrs.get(KEY_ATTR) == self.search_key]
+        for t in todo:
+            width = int(t.user_attrs.get("width", self.cfg.search.trial_width))
+            steps = int(t.user_attrs.get("steps", self.cfg.steps_for(width)))
+            try:
+                tcfg: ScalingConfig | None = self._resolve(t.params)[0]
+            except ConfigError:
+                tcfg = None
+            run = self._child(t.number, t.params, width, steps, tcfg)
+            for step, v in sorted(t.intermediate_values.items()):
+                at = step // width if self.compute_resource else step  # Optuna's step may be particle-steps
+                self.tracker.log_metrics(run, {"test_loss": v}, at)
+            self._log_end(run, t)
+        if todo:
+            self._flush_synced([t.number for t in todo])
+
+    # ------------------------------------------------------------------ width as fidelity
+    def _fidelity_key(self, width: int, number: int) -> str:
+        return f"{FIDELITY_PREFIX}.w{width:06d}.t{number:06d}"
+
+    def _top(self) -> list[FrozenTrial]:
+        fid = self.cfg.search.fidelity
+        assert fid is not None
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return sorted(complete, key=lambda t: (t.values[0], t.number))[: fid.top_k]
+
+    def _fidelity_todo(self) -> list[tuple[FrozenTrial, int]]:
+        """(trial, width) pairs of the promotion stage not yet recorded in the study."""
+        fid = self.cfg.search.fidelity
+        if fid is None:
+            return []
+        have = self.study.user_attrs
+        top = self._top()
+        return [(t, w) for w in fid.widths[1:] for t in top if self._fidelity_key(w, t.number) not in have]
+
+    def _fidelity(self) -> None:
+        """Retrain the top_k complete trials at every larger width (no pruning); results go to the study's
+        user attrs (so a resumed search only runs what is missing) and to MLflow child runs."""
+        fid = self.cfg.search.fidelity
+        assert fid is not None
+        top = self._top()
+        lives: list[_Live] = []
+        for t, width in self._fidelity_todo():
+            # Same parameters and training horizon as the trial, only wider (SCIENCE.md section 5).
+            tcfg, _ = self._resolve(t.params)
+            steps = tcfg.dynamics.steps
+            run = self._child(t.number, t.params, width, steps, tcfg, suffix=f"-w{width}")
+            lv = _Live(_PROMOTED_BASE + len(lives), t.number, dict(t.params), width, steps, run, cfg=tcfg)
+            self.live[lv.net_id] = lv
+            lives.append(lv)
+        if not lives:
+            return
+        self.console.print(f"width fidelity: retraining the best {len(top)} trials at widths "
+                           f"{fid.widths[1:]} ({len(lives)} networks)", highlight=False)
+        with _stop_on_signals(self.stop):
+            failures = self.pool.run(self._pack(lives, tag="fidelity"), self._on_event, self.stop)
+        for f in failures:
+            for sp in f.job.networks:
+                lv = self.live[sp.net_id]
+                lv.fail_reason = lv.fail_reason or f"pack failed: {f.reason}"
+        for lv in lives:
+            self.live.pop(lv.net_id, None)
+            r = lv.retired
+            if r is None and lv.fail_reason is None:
+                continue  # interrupted: retrained on resume
+            ok = r is not None and r.status is NetStatus.FINISHED and r.final_test_loss is not None \
+                and math.isfinite(r.final_test_loss)
+            rec = {"loss": r.final_test_loss if ok and r is not None else None,
+                   "status": r.status.value if r is not None else "failed",
+                   "reason": lv.fail_reason or (r.reason if r is not None else ""),
+                   PS_ATTR: lv.particle_steps}
+            self.study.set_user_attr(self._fidelity_key(lv.width, lv.number), rec)
+            final = {PS_ATTR: float(lv.particle_steps)}
+            if rec["loss"] is not None:
+                final["final_test_loss"] = float(rec["loss"])
+            self.tracker.log_metrics(lv.run_id, final, lv.steps_trained)
+            self.tracker.set_tags(lv.run_id, {"optuna.state": "PROMOTED",
+                                              "mfsweep.reason": str(rec["reason"])[:500],
+                                              "mfsweep.trial_number": str(lv.number)})
+            self.tracker.end_run(lv.run_id, "FINISHED" if ok else "FAILED")
+        self.tracker.flush()
+        if self.stop.is_set():
+            raise self._interrupted()
+
+    def _fidelity_report(self) -> dict[str, Any] | None:
+        fid = self.cfg.search.fidelity
+        if fid is None:
+            return None
+        from scipy.stats import spearmanr
+
+        attrs = self.study.user_attrs
+        rows: list[dict[str, Any]] = []
+        for t in self._top():
+            losses: dict[str, float | None] = {str(fid.widths[0]): float(t.value or math.nan)}
+            for w in fid.widths[1:]:
+                rec = attrs.get(self._fidelity_key(w, t.number))
+                losses[str(w)] = None if rec is None else rec.get("loss")
+            rows.append({"number": t.number, "params": t.params, "losses": losses})
+        spearman: dict[str, float | None] = {}
+        small = str(fid.widths[0])
+        for w in fid.widths[1:]:
+            pairs = [(r["losses"][small], r["losses"][str(w)]) for r in rows
+                     if r["losses"][str(w)] is not None and r["losses"][small] is not None]
+            rho = None
+            if len(pairs) >= 3:
+                val = float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+                rho = val if math.isfinite(val) else None
+            spearman[str(w)] = rho
+            if rho is not None:
+                self.tracker.log_metrics(self.parent, {f"fidelity.spearman.w{fid.widths[0]}_w{w}": rho}, w)
+        largest = str(fid.widths[-1])
+        finished = [r for r in rows if r["losses"][largest] is not None]
+        best = min(finished, key=lambda r: r["losses"][largest]) if finished else None
+        return {"widths": fid.widths, "top_k": fid.top_k, "trials": rows, "spearman": spearman,
+                "best_at_largest_width": None if best is None else
+                {"number": best["number"], "params": best["params"], "width": fid.widths[-1],
+                 "value": best["losses"][largest]}}
+
+    # ------------------------------------------------------------------ results
+    def _best(self, fidelity: dict[str, Any] | None) -> tuple[FrozenTrial | None, int | None, float | None]:
+        """(best trial, the width its exported config should use, value) for the best-config export."""
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            return None, None, None
+        if fidelity is not None and fidelity["best_at_largest_width"] is not None:
+            b = fidelity["best_at_largest_width"]
+            t = next(tt for tt in complete if tt.number == b["number"])
+            return t, int(b["width"]), float(b["value"])
+        t = min(complete, key=lambda tt: tt.values[0])
+        return t, None, float(t.values[0])
+
+    def _export_best(self, t: FrozenTrial, width: int | None, value: float) -> Path:
+        """The best trial's settings as a scaling config (``mfsweep scaling best_config.yaml``), checked by
+        loading it back."""
+        tcfg, w = self.cfg.resolve(t.params, width)
+        raw = tcfg.model_dump(mode="json")
+        raw["name"] = f"{self.cfg.name}_best"
+        raw["sweep"]["seed"] = self.cfg.search.seed
+        path = self.out / "best_config.yaml"
+        head = (f"# Best trial #{t.number} of study '{self.study_name}' (final test loss {value:.6g} at "
+                f"width {w}).\n# Run the error-vs-width sweep with it:  mfsweep scaling {path}\n")
+        path.write_text(head + dump(ScalingConfig.model_validate(raw)))
+        load(path)  # must be valid as it stands
+        return path
+
+    def _plots(self) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as ovm
+
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        target: Callable[[FrozenTrial], float] | None = None if self.single else (lambda t: t.values[0])
+        name = "final test loss"
+        plots: list[tuple[str, Callable[[], Any]]] = [
+            ("optimization_history.png", lambda: ovm.plot_optimization_history(
+                self.study, target=target, target_name=name)),
+            ("param_importances.png", lambda: ovm.plot_param_importances(
+                self.study, target=target, target_name=name)),
+            ("parallel_coordinate.png", lambda: ovm.plot_parallel_coordinate(
+                self.study, target=target, target_name=name)),
+        ]
+        if self.single:
+            plots.append(("intermediate_values.png", lambda: ovm.plot_intermediate_values(self.study)))
+        else:
+            plots.append(("pareto_front.png", lambda: ovm.plot_pareto_front(
+                self.study, target_names=["final test loss", "particle-steps"])))
+        out = []
+        for fname, fn in plots:
+            if len(complete) < 2 and fname != "intermediate_values.png":
+                continue
+            try:
+                with _quiet(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ax = fn()
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                fig.savefig(self.out / fname, dpi=110, bbox_inches="tight")
+                plt.close(fig)
+                out.append(self.out / fname)
+            except Exception as err:  # e.g. importances need two distinct values of a parameter
+                why = str(err).splitlines()[0][:150] if str(err) else type(err).__name__
+                self.console.print(f"[yellow]no {fname}: {why}[/]", highlight=False)
+            plt.close("all")
+        return out
+
+    def _finish(self) -> dict[str, Any]:
+        self._sync_mlflow()
+        trials = self.study.get_trials(deepcopy=False)
+        states = {s: sum(1 for t in trials if t.state.name == s) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        _, _, retried = _budget_counts(trials)
+        fidelity = self._fidelity_report()
+        best_t, best_w, best_v = self._best(fidelity)
+        summary: dict[str, Any] = {
+            "study": self.study_name,
+            "n_trials": len(trials),
+            "states": states,
+            "best": None if best_t is None else {"params": best_t.params, "value": best_v,
+                                                 "number": best_t.number},
+            "mlflow": {"tracking_uri": self.tracking_uri, "experiment_id": self.tracker.experiment_id,
+                       "parent_run_id": self.parent},
+            "objective": self.cfg.search.objective.mode,
+            "retried": sorted(retried),
+            "particle_steps": int(sum(int(t.user_attrs.get(PS_ATTR, 0)) for t in trials)),
+            "storage": self.storage_desc,
+        }
+        if not self.single:
+            summary["pareto_front"] = [{"number": t.number, "params": t.params, "values": t.values}
+                                       for t in sorted(self.study.best_trials, key=lambda t: t.values[0])]
+        if fidelity is not None:
+            summary["fidelity"] = fidelity
+        artifacts = self._plots()
+        if best_t is not None and best_v is not None:
+            path = self._export_best(best_t, best_w, best_v)
+            summary["best_config"] = str(path)
+            artifacts.append(path)
+            self.tracker.log_metrics(self.parent, {"best_value": best_v}, 0)
+        self.tracker.log_metrics(self.parent, {
+            "n_complete": float(states["COMPLETE"]), "n_pruned": float(states["PRUNED"]),
+            "n_fail": float(states["FAIL"]), "total_particle_steps": float(summary["particle_steps"])}, 0)
+        self.tracker.set_tags(self.parent, {"mfsweep.trials": str(self.cfg.search.trials)})
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True, default=str))
+        artifacts.insert(0, self.out / "summary.json")
+        self.tracker.flush()
+        for path in artifacts:
+            self.tracker.log_artifact(self.parent, path)
+        self.tracker.end_run(self.parent, "FINISHED")
+        self._print_table(trials, summary)
+        return summary
+
+    def _print_table(self, trials: Sequence[FrozenTrial], summary: Mapping[str, Any]) -> None:
+        done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[0])[:8]
+        keys = list(self.cfg.search.space)
+        counts = ", ".join(f"{v} {k.lower()}" for k, v in summary["states"].items())
+        table = Table(title=f"{self.study_name}: best trials", caption=f"{len(trials)} trials: {counts}")
+        table.add_column("#", justify="right")
+        for k in keys:
+            table.add_column(k.split(".")[-1] if k != WIDTH else WIDTH)
+        table.add_column("test loss", justify="right")
+        table.add_column("particle-steps", justify="right")
+        for t in done:
+            cells = [str(t.number)]
+            for k in keys:
+                v = t.params.get(k, "-")
+                cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+            cells += [f"{t.values[0]:.4g}", f"{int(t.user_attrs.get(PS_ATTR, 0)):,}"]
+            table.add_row(*cells)
+        Console().print(table)
+
+
+# --------------------------------------------------------------------------- CLI entry points
+
+
+def default_out(cfg: SearchConfig) -> Path:
+    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _same_search(a: SearchConfig, b: SearchConfig) -> bool:
+    """Equal up to what may change between sessions (the trial budget, where it runs)."""
+    def strip(c: SearchConfig) -> dict[str, Any]:
+        d = c.model_dump(mode="json")
+        d.pop("execution")
+        d["search"].pop("trials")
+        return d
+
+    return strip(a) == strip(b)
+
+
+def _run(cfg: SearchConfig, out: Path, console: Console, **kw: Any) -> int:
+    try:
+        summary = SearchRun(cfg, out, console=console, **kw).run()
+    except StorageError as err:
+        console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
+        return EXIT_SERVICE
+    best = summary.get("best")
+    if best is not None:
+        console.print(f"best: {best['value']:.6g} with {best['params']}", soft_wrap=True, highlight=False)
+    console.print(f"done: {out}/summary.json", soft_wrap=True, highlight=False)
+    return 0
+
+
+def run_search_cli(args: Any, console: Console) -> int:
+    """``mfsweep search CONFIG ...``: a new search, or the continuation of the one in ``--out``."""
+    direct: dict[str, Any] = {}
+    if getattr(args, "device", None):
+        direct["execution.device"] = args.device
+    if getattr(args, "backend", None):
+        direct["execution.backend"] = args.backend
+    if getattr(args, "trials", None) is not None:
+        direct["search.trials"] = args.trials
+    cfg = load_search(args.config, args.overrides, **direct)
+    out: Path = args.out or default_out(cfg)
+    old = out / "search.yaml"
+    if old.exists():
+        if not _same_search(load_search(old), cfg):
+            raise ConfigError(f"{out} holds a different search; pick a new --out, or continue it with: "
+                              f"mfsweep resume {out}")
+        console.print(f"resuming {out}", highlight=False)
+    elif (out / "config.yaml").exists():
+        raise ConfigError(f"{out} holds a scaling sweep; pick a new --out")
+    return _run(cfg, out, console, storage=args.storage, study=args.study, tracking_uri=args.tracking_uri,
+                address=args.address, progress=not args.no_progress)
+
+
+def resume_search(dir: Path, *, address: str | None = None, tracking_uri: str | None = None,
+                  progress: bool = True, console: Console | None = None) -> int:
+    """``mfsweep resume DIR`` for a search folder: continue with its saved config, study and storage."""
+    console = console or Console(stderr=True)
+    dir = Path(dir)
+    if not (dir / "state.json").exists():
+        raise ConfigError(f"{dir} has search.yaml but no state.json; start it again with mfsweep search")
+    cfg = load_search(dir / "search.yaml")
+    console.print(f"resuming {dir}", highlight=False)
+    return _run(cfg, dir, console, tracking_uri=tracking_uri, address=address, progress=progress)

@@ -1,0 +1,405 @@
+"""``mfsweep search`` end to end on real components: Optuna journal-file and PostgreSQL storages, the local
+and Ray pools, SQLite MLflow; a driver killed by SIGKILL mid-search and resumed; pruning, conditional
+spaces, divergence, Pareto fronts and width fidelity. Networks are tiny (widths <= 16, <= 200 steps)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from orchestrator import config as cfgmod
+from orchestrator.cli import main
+from orchestrator.search import DRIVER_ATTR, KEY_ATTR, PS_ATTR, REASON_ATTR, RETRY_ATTR
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 40
+WIDTH = 8
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "task": {"kind": "teacher", "dim": 4, "teacher_units": 3, "n_test": 128},
+    "model": {"unit": "relu"},
+    "dynamics": {"algorithm": "sgd", "lr": 0.2, "steps": STEPS, "batch_size": 32, "eval_every": 10},
+    "execution": {"backend": "local", "device": "cpu"},
+    "search": {
+        "trials": 6, "parallel": 3, "width": WIDTH,
+        "space": {"dynamics.lr": {"type": "float", "low": 0.01, "high": 5.0, "log": True}},
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+    },
+}
+BD_SPACE = {
+    "dynamics.lr": {"type": "float", "low": 0.01, "high": 5.0, "log": True},
+    "dynamics.birth_death.rate": {"type": "categorical", "choices": [0.0, 5.0]},
+    "dynamics.birth_death.scheme": {"type": "categorical", "choices": ["clone", "prior"],
+                                    "when": {"dynamics.birth_death.rate": {"gt": 0}}},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: one intra-op thread is faster and steadier on a 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_cfg(tmp_path: Path, dynamics: dict[str, Any] | None = None, **search: Any) -> Path:
+    raw = copy.deepcopy(TINY)
+    raw["search"].update(search)
+    raw["dynamics"].update(dynamics or {})
+    p = tmp_path / f"{raw['name']}.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def search(cfg: Path, out: Path, *extra: str) -> int:
+    return main(["search", str(cfg), "--out", str(out), "--no-progress", *extra])
+
+
+def journal_study(out: Path, name: str = "tiny") -> optuna.Study:
+    storage = JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def budget_count(trials: list[FrozenTrial]) -> int:
+    retried = {t.user_attrs[RETRY_ATTR] for t in trials if RETRY_ATTR in t.user_attrs}
+    return sum(1 for t in trials if t.state.is_finished()
+               and not (t.state == TrialState.FAIL and t.number in retried))
+
+
+def children(out: Path) -> tuple[MlflowClient, dict[str, Any], dict[int, Any]]:
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    parent = summary["mlflow"]["parent_run_id"]
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+    by_number: dict[int, Any] = {}
+    for r in runs:
+        if r.info.run_name.count("-") == 1:  # trial-00012 (promoted fidelity runs carry a -wN suffix)
+            assert int(r.data.tags["mfsweep.trial_number"]) not in by_number, "two MLflow runs for one trial"
+            by_number[int(r.data.tags["mfsweep.trial_number"])] = r
+    return client, summary, by_number
+
+
+def check_mlflow_matches_study(out: Path, trials: list[FrozenTrial]) -> dict[int, Any]:
+    _, _, runs = children(out)
+    assert sorted(runs) == [t.number for t in trials]
+    status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+    for t in trials:
+        run = runs[t.number]
+        assert run.data.tags["optuna.state"] == t.state.name
+        assert run.info.status == status[t.state]
+        if PS_ATTR in t.user_attrs:
+            assert run.data.metrics[PS_ATTR] == t.user_attrs[PS_ATTR]
+    return runs
+
+
+# --------------------------------------------------------------------------- journal file, MLflow, conditions
+
+
+def test_journal_search_mlflow_and_conditional_space(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, space=BD_SPACE, trials=6, sampler={"name": "random", "seed": 3},
+                    pruner={"name": "successive_halving", "min_resource": 10, "reduction_factor": 3})
+    assert search(cfg, out) == 0
+    trials = journal_study(out).get_trials()
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
+
+    # Conditional space: the scheme exists exactly when birth-death is on, and both branches occurred.
+    on = [t for t in trials if t.params["dynamics.birth_death.rate"] > 0]
+    off = [t for t in trials if t.params["dynamics.birth_death.rate"] == 0]
+    assert on and off
+    assert all("dynamics.birth_death.scheme" in t.params for t in on)
+    assert all("dynamics.birth_death.scheme" not in t.params for t in off)
+
+    for t in trials:
+        assert t.user_attrs[KEY_ATTR] and t.user_attrs["width"] == WIDTH
+        assert t.user_attrs[PS_ATTR] == WIDTH * t.user_attrs["steps_trained"]
+        if t.state == TrialState.COMPLETE:
+            assert t.user_attrs["steps_trained"] == STEPS and t.values[0] > 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["study"] == "tiny" and summary["n_trials"] == 6
+    states = ("COMPLETE", "PRUNED", "FAIL")
+    assert summary["states"] == {s: sum(t.state.name == s for t in trials) for s in states}
+    best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[0])
+    assert summary["best"]["value"] == pytest.approx(best.values[0])
+    assert summary["best"]["params"] == best.params
+
+    # The exported best config is a valid scaling config carrying the best parameters.
+    scaling = cfgmod.load(out / "best_config.yaml")
+    assert scaling.dynamics.lr == pytest.approx(best.params["dynamics.lr"])
+    assert scaling.dynamics.birth_death.rate == best.params["dynamics.birth_death.rate"]
+    assert scaling.dynamics.steps == STEPS
+
+    runs = check_mlflow_matches_study(out, trials)
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    for t in trials:
+        run = runs[t.number]
+        assert float(run.data.params["dynamics.lr"]) == pytest.approx(t.params["dynamics.lr"])
+        assert run.data.params["bd_scheme"] == t.params.get("dynamics.birth_death.scheme", "clone")
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_loss"))
+        assert steps[0] == 0 and steps == sorted(set(steps))
+        if t.state == TrialState.COMPLETE:
+            assert steps[-1] == STEPS
+            assert run.data.metrics["final_test_loss"] == pytest.approx(t.values[0])
+    parent = summary["mlflow"]["parent_run_id"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).data.tags["mfsweep.sweep_key"] == json.loads(
+        (out / "state.json").read_text())["search_key"]
+    arts = {a.path for a in client.list_artifacts(parent)}
+    assert {"summary.json", "best_config.yaml", "optimization_history.png", "param_importances.png",
+            "parallel_coordinate.png", "search.yaml"} <= arts
+
+
+def test_diverged_trial_fails_with_reason(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, dynamics={"diverge_threshold": 1e3}, trials=2, parallel=2,
+                    space={"dynamics.lr": {"type": "categorical", "choices": [0.1, 1.0e6]}})
+    # Pin the two trials: an Optuna user would enqueue them the same way.
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(
+        str(_mkdir(out) / "optuna.journal"))))
+    study.enqueue_trial({"dynamics.lr": 0.1})
+    study.enqueue_trial({"dynamics.lr": 1.0e6})
+    assert search(cfg, out) == 0
+    ok, boom = journal_study(out).get_trials()
+    assert ok.state == TrialState.COMPLETE
+    assert boom.state == TrialState.FAIL and "diverged" in boom.user_attrs[REASON_ATTR]
+    runs = check_mlflow_matches_study(out, [ok, boom])
+    assert "diverged" in runs[1].data.tags["mfsweep.reason"]
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def test_pruning_reduces_particle_steps(tmp_path: Path) -> None:
+    """Same trials (random sampler, same seed) with and without successive halving: pruned networks leave
+    their packs early, so the search trains measurably fewer particle-steps."""
+    totals: dict[str, int] = {}
+    params: dict[str, list[dict[str, Any]]] = {}
+    for pruner in ("none", "successive_halving"):
+        out = tmp_path / pruner
+        cfg = write_cfg(tmp_path, trials=9, parallel=3, dynamics={"steps": 60},
+                        pruner={"name": pruner, "min_resource": 10, "reduction_factor": 3})
+        assert search(cfg, out) == 0
+        trials = journal_study(out).get_trials()
+        params[pruner] = [t.params for t in trials]
+        totals[pruner] = sum(t.user_attrs[PS_ATTR] for t in trials)
+        if pruner == "none":
+            assert all(t.state == TrialState.COMPLETE for t in trials)
+            assert totals[pruner] == 9 * WIDTH * 60
+        else:
+            pruned = [t for t in trials if t.state == TrialState.PRUNED]
+            assert pruned, "successive halving pruned nothing"
+            assert all(t.user_attrs[PS_ATTR] < WIDTH * 60 for t in pruned)
+            check_mlflow_matches_study(out, trials)
+    assert params["none"] == params["successive_halving"]
+    assert totals["successive_halving"] < 0.8 * totals["none"], totals
+
+
+# --------------------------------------------------------------------------- kill -9 and resume
+
+
+def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, trials=12, parallel=3, dynamics={"steps": 200, "eval_every": 20},
+                    sampler={"name": "tpe", "seed": 0, "n_startup_trials": 4})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "search", str(cfg), "--out", str(out),
+                             "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    before: list[FrozenTrial] = []
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"driver ended before it was killed: {proc.stderr.read()!r}"  # type: ignore[union-attr]
+            if (out / "optuna.journal").exists():
+                try:
+                    trials = journal_study(out).get_trials()
+                except KeyError:  # the study is not created yet
+                    trials = []
+                finished = [t for t in trials if t.state.is_finished()]
+                running = [t for t in trials if t.state == TrialState.RUNNING]
+                if len(finished) >= 3 and running:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+                    before = journal_study(out).get_trials()
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the search never had finished and running trials at once")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    running_at_kill = [t for t in before if t.state == TrialState.RUNNING]
+    finished_at_kill = {t.number: t for t in before if t.state.is_finished()}
+    assert running_at_kill and finished_at_kill
+
+    assert main(["resume", str(out), "--no-progress"]) == 0
+    trials = journal_study(out).get_trials()
+    by_number = {t.number: t for t in trials}
+    # Nothing lost: what had finished is unchanged.
+    for n, t in finished_at_kill.items():
+        now = by_number[n]
+        assert now.state == t.state and now.params == t.params and now.values == t.values
+    # Trials the dead driver left running: failed with a reason, retried exactly once with the same params.
+    for t in running_at_kill:
+        dead = by_number[t.number]
+        assert dead.state == TrialState.FAIL
+        assert "killed or crashed" in dead.user_attrs[REASON_ATTR]
+        retries = [r for r in trials if r.user_attrs.get(RETRY_ATTR) == t.number]
+        assert len(retries) == 1 and retries[0].params == dead.params and retries[0].state.is_finished()
+        assert retries[0].user_attrs[DRIVER_ATTR] != dead.user_attrs[DRIVER_ATTR]
+    # Nothing duplicated: exactly `trials` count toward the budget, plus one failed original per retry.
+    assert budget_count(trials) == 12
+    assert len(trials) == 12 + len(running_at_kill)
+    assert all(t.state.is_finished() for t in trials)
+    check_mlflow_matches_study(out, trials)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_trials"] == len(trials)
+    assert summary["retried"] == sorted(t.number for t in running_at_kill)
+
+    # The same command again finds the search finished: no new trial.
+    assert search(cfg, out) == 0
+    assert len(journal_study(out).get_trials()) == len(trials)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.mark.postgres
+def test_postgres_storage_resume_and_stale_trial(tmp_path: Path, postgres_db: Callable[[str], str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import orchestrator.search as search_mod
+
+    # Optuna's heartbeat with a grace period a test can wait out.
+    monkeypatch.setattr(search_mod, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(search_mod, "GRACE_S", 2)
+    url = postgres_db("optuna")
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, trials=4, parallel=2, space=BD_SPACE)
+    assert search(cfg, out, "--storage", url, "--study", "pg") == 0
+    study = optuna.load_study(study_name="pg", storage=url)
+    first = study.get_trials()
+    assert len(first) == 4 and all(t.state.is_finished() for t in first)
+
+    # A trial left RUNNING by a driver of this search that died (same search key, another driver id).
+    key = json.loads((out / "state.json").read_text())["search_key"]
+    dead = study.ask()
+    dead.suggest_float("dynamics.lr", 0.01, 5.0, log=True)
+    dead.set_user_attr(KEY_ATTR, key)
+    dead.set_user_attr(DRIVER_ATTR, "dead-driver")
+    # A trial of another driver sharing the study (another search key) whose heartbeat stopped.
+    hb = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=2)
+    foreign = optuna.load_study(study_name="pg", storage=hb).ask()
+    foreign.suggest_float("dynamics.lr", 0.01, 5.0, log=True)
+    foreign.set_user_attr(KEY_ATTR, "another-search")
+    hb.record_heartbeat(foreign._trial_id)
+    time.sleep(3)
+
+    # Same command with a larger budget: continues the study (storage and study come from the folder).
+    assert search(cfg, out, "--trials", "7") == 0
+    trials = optuna.load_study(study_name="pg", storage=url).get_trials()
+    gone = trials[foreign.number]
+    assert gone.state == TrialState.FAIL  # failed by Optuna's fail_stale_trials
+    again = [t for t in trials if t.user_attrs.get(RETRY_ATTR) == foreign.number]
+    assert len(again) == 1 and again[0].user_attrs["mfsweep.retry_reason"] == "heartbeat stale"
+    assert gone.params.items() <= again[0].params.items()
+    def same(ts: list[FrozenTrial]) -> list[tuple[Any, ...]]:
+        return [(t.number, t.params, t.values) for t in ts]
+
+    assert same(trials[:4]) == same(first)
+    stale = trials[dead.number]
+    assert stale.state == TrialState.FAIL and "killed or crashed" in stale.user_attrs[REASON_ATTR]
+    retries = [t for t in trials if t.user_attrs.get(RETRY_ATTR) == dead.number]
+    # Parameters the dead trial had suggested are kept; the ones it never reached are sampled.
+    assert len(retries) == 1 and stale.params.items() <= retries[0].params.items()
+    # 4 + 3 new (two of them the retries): the two failed originals do not count.
+    assert budget_count(trials) == 7 and len(trials) == 9
+    check_mlflow_matches_study(out, [t for t in trials if t.user_attrs.get(KEY_ATTR) == key])
+    assert json.loads((out / "summary.json").read_text())["storage"].startswith("postgresql://")
+
+
+# --------------------------------------------------------------------------- multi-objective, fidelity, Ray
+
+
+def test_pareto_front(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, trials=6, parallel=3, objective={"mode": "pareto"},
+                    sampler={"name": "nsga2", "seed": 0, "population_size": 4},
+                    space={"width": {"type": "int", "low": 2, "high": 32, "log": True},
+                           "dynamics.lr": {"type": "float", "low": 0.05, "high": 2.0, "log": True}})
+    assert search(cfg, out) == 0
+    trials = journal_study(out).get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    for t in done:
+        assert t.values[1] == t.params["width"] * STEPS == t.user_attrs[PS_ATTR]
+    front = json.loads((out / "summary.json").read_text())["pareto_front"]
+    assert front
+    for f in front:
+        dominated = any(o.values[0] <= f["values"][0] and o.values[1] <= f["values"][1]
+                        and o.values != f["values"] for o in done)
+        assert not dominated
+    assert (out / "pareto_front.png").stat().st_size > 5000
+
+
+def test_width_fidelity_spearman(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, trials=5, parallel=5, fidelity={"widths": [4, 16], "top_k": 3})
+    assert search(cfg, out) == 0
+    client, summary, _ = children(out)
+    fid = summary["fidelity"]
+    assert len(fid["trials"]) == 3 and all(r["losses"]["16"] is not None for r in fid["trials"])
+    rho = fid["spearman"]["16"]
+    assert rho is not None and -1.0 <= rho <= 1.0
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.data.metrics["fidelity.spearman.w4_w16"] == pytest.approx(rho)
+    promoted = client.search_runs([summary["mlflow"]["experiment_id"]],
+                                  filter_string="tags.`optuna.state` = 'PROMOTED'")
+    assert len(promoted) == 3 and all(r.data.params["width"] == "16" for r in promoted)
+    best = fid["best_at_largest_width"]
+    assert summary["best"]["number"] == best["number"] and summary["best"]["value"] == best["value"]
+    assert "at width 16" in (out / "best_config.yaml").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_search_on_ray_pool(tmp_path: Path) -> None:
+    """The default execution: packs on Ray actors, retire requests crossing to the actor."""
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, trials=6, parallel=6, space=BD_SPACE, dynamics={"steps": 200, "eval_every": 10},
+                    pruner={"name": "successive_halving", "min_resource": 10, "reduction_factor": 3})
+    assert search(cfg, out, "--backend", "ray") == 0
+    trials = journal_study(out).get_trials()
+    assert len(trials) == 6 and budget_count(trials) == 6
+    for t in trials:
+        assert 0 < t.user_attrs[PS_ATTR] <= WIDTH * 200
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    check_mlflow_matches_study(out, trials)
