@@ -277,8 +277,9 @@ def test_init_databases_script_against_postgres(postgres_server: str, tmp_path: 
     a name that is not a plain identifier is refused before any SQL runs."""
     import psycopg
 
+    # The server's own psql (\getenv needs psql >= 15), not Debian's version-picking wrapper.
     bindir = _pg_bin()
-    psql = shutil.which("psql") or (str(bindir / "psql") if bindir else None)
+    psql = str(bindir / "psql") if bindir and (bindir / "psql").exists() else shutil.which("psql")
     if psql is None:
         pytest.skip("psql not installed")
     server = urllib.parse.urlparse(postgres_server)

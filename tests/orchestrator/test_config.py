@@ -112,7 +112,8 @@ def test_unreachable_tracking_server(tmp_path: Path, capsys: pytest.CaptureFixtu
     from tests.conftest import free_port
 
     port = free_port()
-    code = main(["scaling", "--set", "sweep.widths=[8,16]", "--set", "sweep.seeds=1", "--set", "dynamics.steps=5",
+    code = main(["scaling", "--set", "sweep.variants=[]", "--set", "sweep.widths=[8,16]", "--set", "sweep.seeds=1",
+                 "--set", "dynamics.steps=5",
                  "--out", str(tmp_path / "o"), "--tracking-uri", f"http://127.0.0.1:{port}", "--backend", "local",
                  "--no-progress"])
     err = capsys.readouterr().err

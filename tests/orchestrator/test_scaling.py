@@ -21,8 +21,10 @@ from orchestrator.cli import main
 from orchestrator.scaling import ScalingSweep, read_results
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["sweep.widths=[8,16,32]", "sweep.seeds=2", "dynamics.steps=60", "dynamics.eval_every=20",
-         "dynamics.batch_size=64", "task.n_test=256"]
+# Small sweeps on the teacher task; the CLI's default config is the quick-start one, so override it whole.
+SMALL = ["name=sweep", "task.kind=teacher", "task.dim=16", "sweep.variants=[]", "sweep.widths=[8,16,32]",
+         "sweep.seeds=2", "dynamics.steps=60", "dynamics.eval_every=20", "dynamics.batch_size=64", "task.n_test=256",
+         "dynamics.lr=0.05"]
 
 
 def child_runs(out: Path) -> tuple[MlflowClient, list]:
@@ -89,7 +91,7 @@ def _run_cli(out: Path, extra: list[str]) -> subprocess.Popen[str]:
 
 def test_resume_after_killed_driver(tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    sets = ["sweep.widths=[8,16,32,64]", "sweep.seeds=2", "dynamics.steps=1500", "dynamics.eval_every=50",
+    sets = ["sweep.variants=[]", "sweep.widths=[8,16,32,64]", "sweep.seeds=2", "dynamics.steps=1500", "dynamics.eval_every=50",
             "dynamics.batch_size=64", "task.n_test=256", "execution.checkpoint_every=100",
             "execution.max_networks_per_pack=2", "execution.backend=local"]
     extra = [x for s in sets for x in ("--set", s)]
@@ -126,7 +128,7 @@ def test_same_out_different_config_refused(tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "x"
     args = ["scaling", "--out", str(out), "--no-progress", "--backend", "local"]
     assert main([*args, *[x for s in SMALL for x in ("--set", s)]]) == 0
-    assert main([*args, "--set", "dynamics.lr=0.3", *[x for s in SMALL for x in ("--set", s)]]) == 2
+    assert main([*args, *[x for s in SMALL for x in ("--set", s)], "--set", "dynamics.lr=0.3"]) == 2
     assert "holds a different sweep" in capsys.readouterr().err
 
 
