@@ -26,6 +26,8 @@ from workers.actor import PackRunner, PackWorker
 from workers.jobs import PackEvent, PackJob, WorkerInfo
 
 log = logging.getLogger(__name__)
+# Ray warns at every start that token authentication is on; it stays on (deploy/README.md, SECURITY).
+logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

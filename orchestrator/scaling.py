@@ -390,7 +390,7 @@ class ScalingSweep:
 
     def _print_table(self, per_variant: dict[str, tuple[list[analysis.Point], analysis.Fit | None]]) -> None:
         """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits."""
-        table = Table(title=f"{self.cfg.name}: final test loss (mean over seeds)")
+        table = Table(title=f"{self.cfg.name}: final test loss", caption="mean over seeds; fit: loss ~ width^exponent")
         table.add_column("width", justify="right")
         for name in per_variant:
             table.add_column(name, justify="right")

@@ -45,6 +45,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 __all__ = ["Tracker", "TrackerStats", "TrackingError"]
 
 _log = logging.getLogger(__name__)
+# Store creation narrates its schema migrations at INFO; a sweep's console is for the sweep.
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 T = TypeVar("T")
 
 SWEEP_KEY_TAG = "mfsweep.sweep_key"

@@ -91,8 +91,8 @@ def _run_cli(out: Path, extra: list[str]) -> subprocess.Popen[str]:
 
 def test_resume_after_killed_driver(tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    sets = ["sweep.variants=[]", "sweep.widths=[8,16,32,64]", "sweep.seeds=2", "dynamics.steps=1500", "dynamics.eval_every=50",
-            "dynamics.batch_size=64", "task.n_test=256", "execution.checkpoint_every=100",
+    sets = ["sweep.variants=[]", "sweep.widths=[8,16,32,64]", "sweep.seeds=2", "dynamics.steps=1500",
+            "dynamics.eval_every=50", "dynamics.batch_size=64", "task.n_test=256", "execution.checkpoint_every=100",
             "execution.max_networks_per_pack=2", "execution.backend=local"]
     extra = [x for s in sets for x in ("--set", s)]
     proc = _run_cli(out, extra)
@@ -122,6 +122,22 @@ def test_resume_after_killed_driver(tmp_path: Path) -> None:
     for run in runs:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_loss")]
         assert sorted(steps) == list(range(0, 1501, 50)), run.info.run_name  # nothing lost, nothing twice
+
+
+def test_ctrl_c_keeps_results_and_says_how_to_resume(tmp_path: Path) -> None:
+    out = tmp_path / "int"
+    sets = ["sweep.variants=[]", "sweep.widths=[8,16]", "sweep.seeds=2", "dynamics.steps=100000",
+            "dynamics.eval_every=50", "dynamics.batch_size=32", "task.n_test=128", "execution.backend=local",
+            "execution.checkpoint_every=50"]
+    proc = _run_cli(out, [x for s in sets for x in ("--set", s)])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "checkpoints").glob("*.pt")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text
+    assert f"mfsweep resume {out}" in text
+    assert (out / "plan.json").exists() and list((out / "checkpoints").glob("*.pt"))
 
 
 def test_same_out_different_config_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
