@@ -91,7 +91,7 @@ def _run_cli(out: Path, extra: list[str]) -> subprocess.Popen[str]:
 
 def test_resume_after_killed_driver(tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    sets = ["sweep.variants=[]", "sweep.widths=[8,16,32,64]", "sweep.seeds=2", "dynamics.steps=1500",
+    sets = ["sweep.variants=[]", "sweep.widths=[8,16,32,64]", "sweep.seeds=2", "dynamics.steps=800",
             "dynamics.eval_every=50", "dynamics.batch_size=64", "task.n_test=256", "execution.checkpoint_every=100",
             "execution.max_networks_per_pack=2", "execution.backend=local"]
     extra = [x for s in sets for x in ("--set", s)]
@@ -121,7 +121,7 @@ def test_resume_after_killed_driver(tmp_path: Path) -> None:
     assert len(runs) == 8
     for run in runs:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_loss")]
-        assert sorted(steps) == list(range(0, 1501, 50)), run.info.run_name  # nothing lost, nothing twice
+        assert sorted(steps) == list(range(0, 801, 50)), run.info.run_name  # nothing lost, nothing twice
 
 
 def test_ctrl_c_keeps_results_and_says_how_to_resume(tmp_path: Path) -> None:
