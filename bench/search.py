@@ -32,25 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.engine import MeanFieldNet  # noqa: E402  (the same user-style network as the engine benchmark)
 from orchestrator.search import make_sampler, suggest  # noqa: E402
 from orchestrator.search_config import SearchConfig, load_search  # noqa: E402
 from workers.engine import DataStream, derive_seed, generator, init_particles, make_task  # noqa: E402
 from workers.engine.rng import NETWORK_STREAM  # noqa: E402
 
 CONFIG = ROOT / "configs" / "search" / "bd_teacher.yaml"
-
-
-class MeanFieldNet(torch.nn.Module):
-    """What a user writes: f(x) = (1/n) sum_i c_i relu(w_i . x + b_i)."""
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(w.clone())
-        self.b = torch.nn.Parameter(b.clone())
-        self.c = torch.nn.Parameter(c.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ self.w.T + self.b) @ self.c / self.w.shape[0]
 
 
 @torch.no_grad()
