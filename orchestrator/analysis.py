@@ -175,12 +175,26 @@ def plot_scaling(variants: Mapping[str, tuple[Sequence[Point], Fit | None]], pat
 
 def plot_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: Path, title: str,
                 ylabel: str = "test loss") -> Path:
-    """Loss vs step, one line per curve, log y (non-positive or non-finite values are left out)."""
+    """Loss vs step, one line per curve, log y (non-positive or non-finite values are left out).
+
+    Curves named "<group> <rest>" (the sweep's "variant n=width") share a line style per group and get
+    colours from one continuous map, so more than ten curves never repeat a colour+style pair."""
+    import matplotlib
+
     fig, ax = _new_axes(title, "step", ylabel)
+    groups = list(dict.fromkeys(name.split(" ", 1)[0] for name in curves))
+    styles = ["-", "--", ":", "-."]
+    cmap = matplotlib.colormaps["viridis"]
+    members: dict[str, list[str]] = {g: [n for n in curves if n.split(" ", 1)[0] == g] for g in groups}
     for name, curve in curves.items():
         pts = sorted((s, v) for s, v in curve if math.isfinite(v) and v > 0)
-        if pts:
-            ax.plot([s for s, _ in pts], [v for _, v in pts], lw=1.2, label=name)
+        if not pts:
+            continue
+        g = name.split(" ", 1)[0]
+        rank = members[g].index(name)
+        colour = cmap(rank / max(1, len(members[g]) - 1) * 0.9)
+        ax.plot([s for s, _ in pts], [v for _, v in pts], lw=1.2, label=name,
+                color=colour, linestyle=styles[groups.index(g) % len(styles)])
     ax.set_yscale("log")
     handles = ax.get_legend_handles_labels()[0]
     if 0 < len(handles) <= 20:

@@ -249,6 +249,7 @@ class ScalingSweep:
             self.out.name, _flatten(cfg.model_dump(mode="json")),
             {"mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
              "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
+             "mfsweep.driver_host": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
              **{f"version.{k}": v for k, v in _versions().items()}})
         self.tracker.log_artifact(self.parent, self.out / "config.yaml")
 
@@ -288,6 +289,11 @@ class ScalingSweep:
                 self.console.print(
                     f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
                     f"{pool.device} worker(s); MLflow {self.tracking_uri}", soft_wrap=True)
+                # Where the numbers came from: the workers' devices and nodes (timings depend on them).
+                self.tracker.set_tags(self.parent, {
+                    "mfsweep.workers": f"{pool.n_workers} x {pool.device}",
+                    "mfsweep.worker_nodes": str(len({w.node for w in pool.workers})),
+                    "mfsweep.worker_device_names": ", ".join(sorted({w.device for w in pool.workers}))})
                 total = float(sum(self.by_id[sp.net_id].spec.width * j.dynamics.steps
                                   for j in jobs for sp in j.networks if sp.net_id not in self.results))
                 progress = Progress(

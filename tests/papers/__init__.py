@@ -1,0 +1,1 @@
+"""Paper-reproduction configs (configs/papers/) and their headline result."""
