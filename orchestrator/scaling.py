@@ -186,14 +186,8 @@ class ScalingSweep:
         width = self.by_id[m.net_id].spec.width
         self._advance(width * (m.step - max(prev, 0)))
         self.last_step[m.net_id] = m.step
-        vals = {"test_loss": m.test_loss}
-        if m.train_loss is not None:
-            vals["train_loss"] = m.train_loss
-        kc = rep.bd_events.get(m.net_id)
-        if kc is not None:
-            vals["bd_kills"], vals["bd_clones"] = float(kc[0]), float(kc[1])
         # The tracker drops steps MLflow already has, so replays after a crash never log twice.
-        self.tracker.log_metrics(self._child(m.net_id), vals, m.step)
+        self.tracker.log_metrics(self._child(m.net_id), rep.values(m), m.step)
         self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
 
     def _record(self, net_id: int, status: str, loss: float | None, step: int, reason: str, wall: float) -> None:

@@ -569,13 +569,7 @@ class SearchRun:
             if lv is None or lv.prune_at is not None or m.step <= lv.seen_step:
                 continue
             lv.last_step = lv.seen_step = m.step
-            vals = {"test_loss": m.test_loss}
-            if m.train_loss is not None:
-                vals["train_loss"] = m.train_loss
-            kc = rep.bd_events.get(m.net_id)
-            if kc is not None:
-                vals["bd_kills"], vals["bd_clones"] = float(kc[0]), float(kc[1])
-            self.tracker.log_metrics(lv.run_id, vals, m.step)
+            self.tracker.log_metrics(lv.run_id, rep.values(m), m.step)
             if not math.isfinite(m.test_loss):
                 continue
             lv.last_loss = m.test_loss

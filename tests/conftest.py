@@ -18,6 +18,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Test-sized tensors: one intra-op thread is faster and steadier on a 2-core machine (and leaves the
+    # other core to the Ray workers and servers the tests start).
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

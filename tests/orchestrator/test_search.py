@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
@@ -53,15 +52,6 @@ BD_SPACE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: one intra-op thread is faster and steadier on a 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def write_cfg(tmp_path: Path, dynamics: dict[str, Any] | None = None, **search: Any) -> Path:

@@ -80,6 +80,16 @@ class Report:
     bd_events: dict[int, tuple[int, int]] = field(default_factory=dict)
     """net_id -> (kills, clones) accumulated since the last report."""
 
+    def values(self, m: NetMetrics) -> dict[str, float]:
+        """The metrics to record for one of this report's networks (test, train, birth-death counts)."""
+        vals = {"test_loss": m.test_loss}
+        if m.train_loss is not None:
+            vals["train_loss"] = m.train_loss
+        kc = self.bd_events.get(m.net_id)
+        if kc is not None:
+            vals["bd_kills"], vals["bd_clones"] = float(kc[0]), float(kc[1])
+        return vals
+
 
 def report_to_json(rep: Report) -> dict[str, Any]:
     return {
