@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from workers.engine import (
     NetworkSpec,
@@ -66,6 +67,27 @@ def _network_cost(spec: NetworkSpec, batch: int) -> float:
     return float(spec.width * batch)
 
 
+T = TypeVar("T")
+
+
+def balance(items: Sequence[T], cost: Callable[[T], float], n_bins: int,
+            fits: Callable[[list[T]], bool]) -> list[list[T]]:
+    """Longest-processing-time-first bins of ``items``, the bin count doubled until every bin ``fits``
+    (at worst one item per bin); empty bins are dropped."""
+    ordered = sorted(items, key=lambda it: -cost(it))
+    n_bins = max(1, min(len(items), n_bins))
+    while True:
+        bins: list[list[T]] = [[] for _ in range(n_bins)]
+        loads = [0.0] * n_bins
+        for it in ordered:
+            i = min(range(n_bins), key=lambda j: (loads[j], len(bins[j])))
+            bins[i].append(it)
+            loads[i] += cost(it)
+        if n_bins == len(items) or all(fits(b) for b in bins):
+            return [b for b in bins if b]
+        n_bins = min(len(items), n_bins * 2)
+
+
 def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers: int, memory_bytes: int,
                checkpoint_dir: Path | None, skip: set[int] | frozenset[int] = frozenset()) -> list[PackJob]:
     """Packs of the networks not in ``skip``, each within ``memory_fraction`` of ``memory_bytes``, at least
@@ -98,24 +120,16 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
                     f"width {single.spec.width} needs ~{mem([single.spec.width]) / 2**30:.1f} GiB, more than "
                     f"{budget / 2**30:.1f} GiB a worker may use; lower dynamics.batch_size or the width, or "
                     "raise execution.memory_fraction")
+        limit = cfg.execution.max_networks_per_pack
         share = max(1, round(n_workers * len(nets) / max(1, len(networks) - len(skip))))
         n_bins = min(len(nets), max(share, math.ceil(len(nets) / cfg.execution.max_networks_per_pack)))
-        ordered = sorted(nets, key=lambda p: -_network_cost(p.spec, batch))
-        while True:
-            bins: list[list[NetworkPlan]] = [[] for _ in range(n_bins)]
-            loads = [0.0] * n_bins
-            for net in ordered:
-                i = min(range(n_bins), key=lambda j: (loads[j], len(bins[j])))
-                bins[i].append(net)
-                loads[i] += _network_cost(net.spec, batch)
-            too_big = any(mem([p.spec.width for p in b]) > budget or len(b) > cfg.execution.max_networks_per_pack
-                          for b in bins)
-            if not too_big or n_bins == len(nets):
-                break
-            n_bins = min(len(nets), n_bins * 2)
-        for b in bins:
-            if not b:
-                continue
+        def cost(p: NetworkPlan, _b: int = batch) -> float:
+            return _network_cost(p.spec, _b)
+
+        def fits(b: list[NetworkPlan], _m: Callable[[Sequence[int]], int] = mem, _l: int = limit) -> bool:
+            return _m([p.spec.width for p in b]) <= budget and len(b) <= _l
+
+        for b in balance(nets, cost, n_bins, fits):
             pack_id = f"p{len(jobs):04d}"
             jobs.append(PackJob(
                 pack_id=pack_id, task=task_spec, model=model, dynamics=dyn,

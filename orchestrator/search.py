@@ -57,7 +57,7 @@ from workers.engine import uses_exact_energy as _uses_exact
 from workers.jobs import PackEvent, PackJob
 
 from .config import ConfigError, ScalingConfig, dump, load
-from .plan import _pack_key
+from .plan import _pack_key, balance
 from .pool import make_pool
 from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
 from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
@@ -537,22 +537,11 @@ class SearchRun:
                 continue
             share = max(1, round(self.pool.n_workers * len(fits) / max(1, len(lives))))
             n_bins = min(len(fits), max(share, math.ceil(len(fits) / ex.max_networks_per_pack)))
-            ordered = sorted(fits, key=lambda lv: -lv.width)
-            while True:
-                bins: list[list[_Live]] = [[] for _ in range(n_bins)]
-                loads = [0] * n_bins
-                for lv in ordered:  # longest processing time first
-                    i = min(range(n_bins), key=lambda j: (loads[j], len(bins[j])))
-                    bins[i].append(lv)
-                    loads[i] += lv.width
-                too_big = any(mem([lv.width for lv in b]) > budget or len(b) > ex.max_networks_per_pack
-                              for b in bins)
-                if not too_big or n_bins == len(fits):
-                    break
-                n_bins = min(len(fits), n_bins * 2)
-            for b in bins:
-                if not b:
-                    continue
+            def fit(b: list[_Live], _m: Callable[[Sequence[int]], int] = mem,
+                    _l: int = ex.max_networks_per_pack) -> bool:
+                return _m([lv.width for lv in b]) <= budget and len(b) <= _l
+
+            for b in balance(fits, lambda lv: float(lv.width), n_bins, fit):
                 # Pack ids are unique per search and round: a late retire request can never hit a later pack.
                 specs = tuple(sorted((self._spec(lv) for lv in b), key=lambda s: s.net_id))
                 jobs.append(PackJob(
