@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 
 import pytest
@@ -28,12 +29,15 @@ from workers.engine import (
 )
 
 F64 = torch.float64
+#: Where the device-generic oracle tests run: `MFSWEEP_TEST_DEVICE=cuda python -m pytest tests/workers` on a GPU
+#: machine runs them against the same reference loop, computed on that device.
+DEVICE = torch.device(os.environ.get("MFSWEEP_TEST_DEVICE", "cpu"))
 
 
 @functools.lru_cache(maxsize=16)
 def cached_task(spec: TaskSpec) -> Task:
-    """A float64 CPU task (deterministic given its spec, so one instance can serve every oracle)."""
-    return make_task(spec, "cpu", F64)
+    """A float64 task on DEVICE (deterministic given its spec, so one instance can serve every oracle)."""
+    return make_task(spec, DEVICE, F64)
 
 
 def out_scale(spec: NetworkSpec) -> float:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.workers.engine_ref import DEVICE
 from workers.engine import (
     Algorithm,
     Component,
@@ -66,7 +67,7 @@ def _roundtrip(pack: Pack, tmp_path: Path, name: str) -> Pack:
     path = tmp_path / "ckpt" / f"{name}.pt"
     pack.save(path)
     assert path.exists() and not path.with_suffix(".pt.tmp").exists()
-    loaded = Pack.load(path)
+    loaded = Pack.load(path, device=DEVICE)
     _assert_identical(pack, loaded)
     return loaded
 
@@ -103,7 +104,7 @@ def test_resume_sgd_langevin_birth_death(dtype: torch.dtype, tmp_path: Path) -> 
     ]
 
     def make() -> Pack:
-        return Pack(task, model, dyn, nets, data_seed=7, dtype=dtype)
+        return Pack(task, model, dyn, nets, data_seed=7, dtype=dtype, device=DEVICE)
 
     probe = make()
     events = [rep.bd_events for rep in _drive(probe, 12)]
@@ -123,7 +124,7 @@ def test_resume_exact_energy_with_prior_and_components(tmp_path: Path) -> None:
             NetworkSpec(1, 20, seed=1, lr=0.05, bd_rate=20.0)]
 
     def make() -> Pack:
-        return Pack(task, model, dyn, nets, data_seed=2, dtype=torch.float64)
+        return Pack(task, model, dyn, nets, data_seed=2, dtype=torch.float64, device=DEVICE)
 
     loaded = _roundtrip(make(), tmp_path, "specs")
     assert loaded.task_spec == task and loaded.model == model and loaded.dynamics == dyn
@@ -144,7 +145,7 @@ RETIRE_NETS = [
 
 def _with_retirements(upto: int) -> tuple[Pack, list[Report]]:
     pack = Pack(RETIRE_TASK, ModelSpec(unit=Unit.TANH), RETIRE_DYN, RETIRE_NETS, data_seed=1,
-                dtype=torch.float64)
+                dtype=torch.float64, device=DEVICE)
     reports = _drive(pack, 4)
     pack.retire(3, NetStatus.PRUNED, "pruned by the search", 0.25)
     reports += _drive(pack, 5)

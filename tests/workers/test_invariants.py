@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.workers.engine_ref import (
+    DEVICE,
     F64,
     all_particles,
     assert_particles_close,
@@ -117,8 +118,8 @@ def test_network_trains_the_same_alone_or_packed() -> None:
         NetworkSpec(3, 25, seed=1, lr=0.01, bd_rate=1.0, bd_scheme=Scheme.PRIOR),
         NetworkSpec(4, 10, seed=5, lr=0.05),
     ]
-    alone = Pack(TEACHER, model, dyn, [target], data_seed=6, dtype=F64)
-    packed = Pack(TEACHER, model, dyn, [*mates[:2], target, *mates[2:]], data_seed=6, dtype=F64)
+    alone = Pack(TEACHER, model, dyn, [target], data_seed=6, dtype=F64, device=DEVICE)
+    packed = Pack(TEACHER, model, dyn, [*mates[:2], target, *mates[2:]], data_seed=6, dtype=F64, device=DEVICE)
     rep_alone, rep_packed = run_reports(alone), run_reports(packed)
     assert_reports_close(only(rep_packed, [7]), rep_alone)
     assert alone.retired[7].final_test_loss == pytest.approx(packed.retired[7].final_test_loss, rel=1e-12)
@@ -130,8 +131,8 @@ def test_network_trains_the_same_alone_or_packed_exact_energy() -> None:
     target = NetworkSpec(0, 12, seed=2, lr=0.01, bd_rate=0.5)
     mates = [NetworkSpec(1, 12, seed=3, lr=0.02, bd_rate=0.5, bd_scheme=Scheme.PRIOR),
              NetworkSpec(2, 30, seed=2, lr=0.01, parametrization=NTK)]
-    alone = Pack(MIXTURE, model, dyn, [target], dtype=F64)
-    packed = Pack(MIXTURE, model, dyn, [*mates, target], dtype=F64)
+    alone = Pack(MIXTURE, model, dyn, [target], dtype=F64, device=DEVICE)
+    packed = Pack(MIXTURE, model, dyn, [*mates, target], dtype=F64, device=DEVICE)
     for _ in range(dyn.steps - 1):
         alone.step_once()
         packed.step_once()
@@ -144,8 +145,8 @@ def test_diverging_network_is_retired_and_mates_unaffected() -> None:
     dyn = DynamicsSpec(algorithm=Algorithm.SGD, steps=12, batch_size=16, eval_every=3)
     good = [NetworkSpec(1, 8, seed=1, lr=0.05), NetworkSpec(2, 20, seed=2, lr=0.05, parametrization=NTK)]
     bad = NetworkSpec(3, 8, seed=3, lr=1e6)  # same width as net 1: shares its (S, P, n) tensors
-    with_bad = Pack(TEACHER, model, dyn, [good[0], bad, good[1]], data_seed=1, dtype=F64)
-    without = Pack(TEACHER, model, dyn, good, data_seed=1, dtype=F64)
+    with_bad = Pack(TEACHER, model, dyn, [good[0], bad, good[1]], data_seed=1, dtype=F64, device=DEVICE)
+    without = Pack(TEACHER, model, dyn, good, data_seed=1, dtype=F64, device=DEVICE)
 
     reports = list(with_bad.train())
     retired = [r for rep in reports for r in rep.retired if r.net_id == 3]
@@ -175,8 +176,8 @@ def test_retire_leaves_other_trajectories_unchanged() -> None:
         NetworkSpec(3, 6, seed=3, lr=0.03, temperature=1e-3, bd_rate=1.0, bd_scheme=Scheme.PRIOR),
         NetworkSpec(4, 11, seed=4, lr=0.05, parametrization=NTK),
     ]
-    full = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64)
-    cut = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64)
+    full = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64, device=DEVICE)
+    cut = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64, device=DEVICE)
     for _ in range(5):
         full.step_once()
         cut.step_once()
@@ -192,8 +193,8 @@ def test_retire_leaves_other_trajectories_unchanged() -> None:
         assert full.retired[nid].final_test_loss == pytest.approx(cut.retired[nid].final_test_loss, rel=1e-12)
 
     # Retiring every network of a group removes the group; the others still match.
-    a = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64)
-    b = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64)
+    a = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64, device=DEVICE)
+    b = Pack(TEACHER, model, dyn, nets, data_seed=3, dtype=F64, device=DEVICE)
     for nid in (1, 2, 3):
         b.retire(nid, NetStatus.PRUNED, "test")
     assert len(b.groups) == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.workers.engine_ref import F64, all_particles, ref_test_loss, train_reference
+from tests.workers.engine_ref import DEVICE, F64, all_particles, ref_test_loss, train_reference
 from workers.engine import (
     Algorithm,
     DynamicsSpec,
@@ -43,7 +43,7 @@ def _networks(widths: tuple[int, ...], lr_mf: float, lr_ntk: float) -> list[Netw
 
 def _check_against_loop(task: TaskSpec, model: ModelSpec, dyn: DynamicsSpec, nets: list[NetworkSpec],
                         data_seed: int = 5) -> None:
-    pack = Pack(task, model, dyn, nets, data_seed=data_seed, dtype=F64)
+    pack = Pack(task, model, dyn, nets, data_seed=data_seed, dtype=F64, device=DEVICE)
     init = all_particles(pack)
     reports = []
     for rep in pack.train():
@@ -68,7 +68,7 @@ def _check_against_loop(task: TaskSpec, model: ModelSpec, dyn: DynamicsSpec, net
 
 def _final_particles_equal(task: TaskSpec, model: ModelSpec, dyn: DynamicsSpec, nets: list[NetworkSpec],
                            data_seed: int = 5) -> None:
-    pack = Pack(task, model, dyn, nets, data_seed=data_seed, dtype=F64)
+    pack = Pack(task, model, dyn, nets, data_seed=data_seed, dtype=F64, device=DEVICE)
     init = all_particles(pack)
     for _ in range(STEPS):
         pack.step_once()
