@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,31 +153,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=64)
     ap.add_argument("--steps", type=int, default=None, help="override dynamics.steps (the budget)")
-    ap.add_argument("--parallel", type=int, default=16, help="mfsweep: trials per round")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="sampler seeds: one search of each kind per seed (the best value of one search is "
+                         "a noisy draw; compare several)")
+    ap.add_argument("--parallel", type=int, default=16, help="mfsweep: trials in flight at once")
     ap.add_argument("--backend", default="ray", choices=["ray", "local"], help="mfsweep pool")
     ap.add_argument("--baseline-pruner", default="none", choices=["none", "successive_halving"],
                     help="give (a) the same pruner as (b)")
     args = ap.parse_args()
-    sets = [f"search.trials={args.trials}", "search.fidelity=null", f"search.parallel={args.parallel}"]
-    if args.steps:
-        sets.append(f"dynamics.steps={args.steps}")
-    cfg = load_search(CONFIG, sets)
-    b = mfsweep(sets, args.backend)
-    print(f"(b) mfsweep search: {b['wall_s']:.1f} s, best {b['best']:.4g}, {b['states']}", flush=True)
-    a = baseline(cfg, args.trials, args.baseline_pruner)
-    print(f"(a) study.optimize + nn.Module: {a['wall_s']:.1f} s, best {a['best']:.4g}, {a['states']}",
-          flush=True)
+    rows = []
+    for seed in args.seeds:
+        sets = [f"search.trials={args.trials}", "search.fidelity=null", f"search.parallel={args.parallel}",
+                f"search.sampler.seed={seed}"]
+        if args.steps:
+            sets.append(f"dynamics.steps={args.steps}")
+        cfg = load_search(CONFIG, sets)
+        b = mfsweep(sets, args.backend)
+        print(f"seed {seed} (b) mfsweep search: {b['wall_s']:.1f} s, best {b['best']:.4g}, {b['states']}",
+              flush=True)
+        a = baseline(cfg, args.trials, args.baseline_pruner)
+        print(f"seed {seed} (a) study.optimize + nn.Module: {a['wall_s']:.1f} s, best {a['best']:.4g}, "
+              f"{a['states']}", flush=True)
+        rows.append({"seed": seed, "optimize_s": round(a["wall_s"], 2), "mfsweep_s": round(b["wall_s"], 2),
+                     "speedup": round(a["wall_s"] / b["wall_s"], 2),
+                     "optimize_particle_steps": a["particle_steps"], "mfsweep_particle_steps": b["particle_steps"],
+                     "optimize_best": a["best"], "mfsweep_best": b["best"],
+                     "optimize_states": a["states"], "mfsweep_states": b["states"]})
+    opt_s, mf_s = sum(r["optimize_s"] for r in rows), sum(r["mfsweep_s"] for r in rows)
     print(json.dumps({
         "trials": args.trials, "steps": cfg.dynamics.steps, "width": cfg.search.trial_width,
         "parallel": args.parallel, "backend": args.backend, "sampler": cfg.search.sampler.name,
-        "seed": cfg.search.sampler.seed, "baseline_pruner": args.baseline_pruner,
+        "seeds": args.seeds, "baseline_pruner": args.baseline_pruner,
         "mfsweep_pruner": cfg.search.pruner_name,
         "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "optimize_s": round(a["wall_s"], 2), "mfsweep_s": round(b["wall_s"], 2),
-        "speedup": round(a["wall_s"] / b["wall_s"], 2),
-        "optimize_particle_steps": a["particle_steps"], "mfsweep_particle_steps": b["particle_steps"],
-        "optimize_best": a["best"], "mfsweep_best": b["best"],
-        "optimize_states": a["states"], "mfsweep_states": b["states"],
+        "optimize_s": round(opt_s, 2), "mfsweep_s": round(mf_s, 2), "speedup": round(opt_s / mf_s, 2),
+        "optimize_particle_steps": sum(r["optimize_particle_steps"] for r in rows),
+        "mfsweep_particle_steps": sum(r["mfsweep_particle_steps"] for r in rows),
+        "optimize_best_median": statistics.median(r["optimize_best"] for r in rows),
+        "mfsweep_best_median": statistics.median(r["mfsweep_best"] for r in rows),
+        "mfsweep_best_le_optimize": sum(r["mfsweep_best"] <= r["optimize_best"] for r in rows),
+        "per_seed": rows,
     }))
 
 

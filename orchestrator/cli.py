@@ -134,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
+        from .errors import TrackingError
         from .pool import PoolError
         from .scaling import Interrupted
-        from .tracking import TrackingError
 
         handler = {"scaling": _scaling, "resume": _resume, "validate": _validate, "search": _search}
         return handler[args.command](args, console)

@@ -3,11 +3,15 @@
 
 - ``run(jobs, on_event)`` returns when every job finished or failed; ``on_event`` is called in the caller's
   thread, in order per pack, for every report; the returned list names the jobs that failed and why.
+- ``on_done(job, failure)``, if given, is called in the caller's thread once per job, after its last report
+  (``failure`` None when it finished); the jobs it returns join the same run. Asynchronous searches use it
+  to ask for new trials the moment a worker frees up, instead of waiting for a whole round.
 - A job whose worker dies is retried (up to ``max_retries``) on another worker from its checkpoint.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -16,6 +20,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +45,10 @@ class PoolError(RuntimeError):
     """A pool that cannot start (one-line message naming the fix)."""
 
 
+OnDone = Callable[[PackJob, "JobFailure | None"], Sequence[PackJob]]
+"""Called once per job after its last report (failure None when it finished); returns more jobs to run."""
+
+
 class Pool(ABC):
     workers: list[WorkerInfo]
 
@@ -58,7 +67,7 @@ class Pool(ABC):
 
     @abstractmethod
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
-            stop: threading.Event | None = None) -> list[JobFailure]: ...
+            stop: threading.Event | None = None, on_done: OnDone | None = None) -> list[JobFailure]: ...
 
     @abstractmethod
     def request_retire(self, pack_id: str, net_id: int, status: str = "pruned", reason: str = "pruned") -> None:
@@ -86,9 +95,12 @@ class LocalPool(Pool):
         self.runner.request_retire(pack_id, net_id, status, reason)
 
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
-            stop: threading.Event | None = None) -> list[JobFailure]:
+            stop: threading.Event | None = None, on_done: OnDone | None = None) -> list[JobFailure]:
         failures: list[JobFailure] = []
-        for job in jobs:
+        todo = collections.deque(jobs)
+        while todo:
+            job = todo.popleft()
+            failure: JobFailure | None = None
             for attempt in range(self.max_retries + 1):
                 if stop is not None and stop.is_set():
                     return failures
@@ -100,11 +112,19 @@ class LocalPool(Pool):
                     break
                 except Exception as err:  # a crashed worker: retry from the checkpoint
                     if attempt == self.max_retries:
-                        failures.append(JobFailure(job, f"{type(err).__name__}: {err}"))
+                        failure = JobFailure(job, f"{type(err).__name__}: {err}")
+                        failures.append(failure)
+            if on_done is not None:
+                todo.extend(on_done(job, failure))
         return failures
 
 
-_DONE = object()
+@dataclass(frozen=True)
+class _End:
+    """A job's end in the event stream (after its last report)."""
+
+    job: PackJob
+    failure: JobFailure | None
 
 
 class RayPool(Pool):
@@ -120,9 +140,13 @@ class RayPool(Pool):
                 # No address: a fresh local instance (or RAY_ADDRESS, as under `ray job submit`), never a
                 # `ray start` cluster that ray.init would otherwise find in /tmp/ray and silently join.
                 target = address or (None if os.environ.get("RAY_ADDRESS") else "local")
+                # Ray runs workers at nice 15: on a machine shared with any other busy process they got
+                # ~3% of a core (a search ran 12x slower beside one study.optimize). A cluster we start
+                # runs them at the driver's priority.
+                system = {"worker_niceness": 0} if target == "local" else None
                 ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False,
                          include_dashboard=False if address is None else None, runtime_env=runtime_env,
-                         configure_logging=True)
+                         configure_logging=True, _system_config=system)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = address or "a local cluster"
                 raise PoolError(f"cannot connect to Ray at {where}: {err}; check --address (ray://host:10001 "
@@ -161,32 +185,22 @@ class RayPool(Pool):
         return PackWorker.options(**opts).remote(self.device_kind, threads, self._slots)  # type: ignore[return-value]
 
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
-            stop: threading.Event | None = None) -> list[JobFailure]:
+            stop: threading.Event | None = None, on_done: OnDone | None = None) -> list[JobFailure]:
         stop = stop or threading.Event()
+        if not jobs:
+            return []
         todo: queue.Queue[tuple[PackJob, int]] = queue.Queue()
         for job in jobs:
             todo.put((job, 0))
-        events: queue.Queue[object] = queue.Queue()
-        failures: list[JobFailure] = []
-        remaining = [len(jobs)]
-        lock = threading.Lock()
-
-        def finish(failure: JobFailure | None = None) -> None:
-            with lock:
-                if failure is not None:
-                    failures.append(failure)
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    events.put(_DONE)
+        # Reports and job ends, in order per serving thread (so a job's end follows its last report).
+        events: queue.Queue[PackEvent | _End] = queue.Queue()
+        finished = threading.Event()  # no job left: the serving threads return
 
         def serve(slot: int) -> None:
             actor = self.actors[slot]
-            while not stop.is_set():
-                with lock:
-                    if remaining[0] == 0:
-                        return
+            while not (stop.is_set() or finished.is_set()):
                 try:
-                    job, attempt = todo.get(timeout=0.2)
+                    job, attempt = todo.get(timeout=0.05)
                 except queue.Empty:
                     continue
                 self._running[job.pack_id] = actor
@@ -197,7 +211,7 @@ class RayPool(Pool):
                         if stop.is_set():
                             ray.cancel(gen)
                             return
-                    finish()
+                    events.put(_End(job, None))
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
                         ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                         ray.exceptions.ObjectLostError) as err:
@@ -206,8 +220,8 @@ class RayPool(Pool):
                     if attempt < self.max_retries:
                         todo.put((job, attempt + 1))
                     else:
-                        finish(JobFailure(job, f"{reason} {attempt + 1} times"))
-                    replacement = self._replace(slot, lambda: stop.is_set() or remaining[0] == 0)
+                        events.put(_End(job, JobFailure(job, f"{reason} {attempt + 1} times")))
+                    replacement = self._replace(slot, lambda: stop.is_set() or finished.is_set())
                     if replacement is None:
                         return
                     actor = replacement
@@ -217,30 +231,45 @@ class RayPool(Pool):
                     if attempt < self.max_retries:
                         todo.put((job, attempt + 1))
                     else:
-                        finish(JobFailure(job, f"{type(cause).__name__}: {first}"))
+                        events.put(_End(job, JobFailure(job, f"{type(cause).__name__}: {first}")))
+                finally:
+                    self._running.pop(job.pack_id, None)
 
         threads = [threading.Thread(target=serve, args=(i,), daemon=True, name=f"pool-{i}")
                    for i in range(len(self.actors))]
         for t in threads:
             t.start()
-        if not jobs:
-            events.put(_DONE)
-        while True:
+        failures: list[JobFailure] = []
+        remaining = len(jobs)  # only this thread counts: jobs queued or running, not yet ended
+        while remaining:
             try:
                 item = events.get(timeout=0.5)
             except queue.Empty:
                 if stop.is_set() or not any(t.is_alive() for t in threads):
                     break
                 continue
-            if item is _DONE:
-                break
-            on_event(item)  # type: ignore[arg-type]
+            if isinstance(item, _End):
+                remaining -= 1
+                if item.failure is not None:
+                    failures.append(item.failure)
+                more = on_done(item.job, item.failure) if on_done is not None else ()
+                for job in more:
+                    todo.put((job, 0))
+                remaining += len(more)
+            else:
+                on_event(item)
+        finished.set()
         for t in threads:
             t.join(timeout=5)
-        while not events.empty():  # reports that raced the last "done"
+        while not events.empty():  # reports that raced a stop
             item = events.get()
-            if item is not _DONE:
-                on_event(item)  # type: ignore[arg-type]
+            if isinstance(item, _End):
+                if item.failure is not None:
+                    failures.append(item.failure)
+                if on_done is not None:
+                    on_done(item.job, item.failure)  # stopping: no new jobs
+            else:
+                on_event(item)
         if not stop.is_set():
             # Jobs left in the queue when every worker is gone: fail them with a reason.
             while True:
@@ -248,7 +277,10 @@ class RayPool(Pool):
                     job, _ = todo.get_nowait()
                 except queue.Empty:
                     break
-                failures.append(JobFailure(job, "no live Ray worker left to run it"))
+                failure = JobFailure(job, "no live Ray worker left to run it")
+                failures.append(failure)
+                if on_done is not None:
+                    on_done(job, failure)
         return failures
 
     def _replace(self, slot: int, idle: Callable[[], bool]) -> ray.actor.ActorHandle | None:
@@ -278,6 +310,32 @@ class RayPool(Pool):
             ray.shutdown()
 
 
+def open_beside(make: Callable[[], Pool | None], side: Callable[[], object]) -> Pool | None:
+    """``make()`` in this thread while ``side()`` runs in another: MLflow's import, migrations and parent run
+    (seconds of Python) overlap Ray's boot (seconds of waiting for its processes). An error of ``side``
+    wins, since it names its own fix; the pool is then closed."""
+    with ThreadPoolExecutor(1, thread_name_prefix="open-beside") as ex:
+        side_done = ex.submit(side)
+        pool: Pool | None = None
+        try:
+            pool = make()
+        finally:
+            try:
+                side_done.result()
+            except BaseException:
+                if pool is not None:
+                    pool.close()
+                raise
+    return pool
+
+
+def close_in_background(pool: Pool) -> threading.Thread:
+    """Shut the pool down (Ray takes a second or two) while the caller goes on with its analysis."""
+    closer = threading.Thread(target=pool.close, name="pool-close", daemon=True)
+    closer.start()
+    return closer
+
+
 def make_pool(backend: str, *, address: str | None, device: str, workers: int | None, cpus_per_worker: int,
               max_retries: int) -> Pool:
     if backend == "local":
@@ -289,4 +347,5 @@ def make_pool(backend: str, *, address: str | None, device: str, workers: int | 
                    max_retries=max_retries, runtime_env=env if address else None)
 
 
-__all__ = ["JobFailure", "LocalPool", "Pool", "PoolError", "RayPool", "make_pool"]
+__all__ = ["JobFailure", "LocalPool", "Pool", "PoolError", "RayPool", "close_in_background", "make_pool",
+           "open_beside"]

@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from workers.jobs import PackEvent, PackJob
 from . import analysis
 from .config import ScalingConfig, dump
 from .plan import NetworkPlan, load_jobs, plan_networks, plan_packs, save_jobs
-from .pool import JobFailure, Pool, make_pool
+from .pool import JobFailure, Pool, close_in_background, make_pool, open_beside
 
 
 @dataclass(frozen=True)
@@ -258,17 +257,13 @@ class ScalingSweep:
         failures: list[JobFailure] = []
         pool: Pool | None = None
         closer: threading.Thread | None = None
-        # MLflow (imports, migrations, parent run) starts while Ray boots: both take seconds.
-        background = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
-        opened = background.submit(self._open_tracking)
         try:
-            try:
-                if todo:
-                    pool = make_pool(ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                                     cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries)
-            finally:
-                opened.result()  # a tracking error wins: it names the fix
-                background.shutdown()
+            if todo:
+                pool = open_beside(lambda: make_pool(
+                    ex.backend, address=self.address, device=ex.device, workers=ex.workers,
+                    cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries), self._open_tracking)
+            else:
+                self._open_tracking()
             if self.results and plan_path.exists():
                 self._reconcile(load_jobs(plan_path))
             if pool is not None:
@@ -301,9 +296,7 @@ class ScalingSweep:
                         "training", total=total, networks=f"{len(self.results)}/{len(self.networks)}")
                     failures = pool.run(jobs, self._on_event, stop)
                     self._progress = None
-                # Shutting Ray down takes a second or two: do it while the analysis runs.
-                closer = threading.Thread(target=pool.close, name="pool-close", daemon=True)
-                closer.start()
+                closer = close_in_background(pool)  # while the analysis runs
                 pool = None
                 for f in failures:
                     for sp in f.job.networks:

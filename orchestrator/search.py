@@ -58,10 +58,9 @@ from workers.jobs import PackEvent, PackJob
 
 from .config import ConfigError, ScalingConfig, dump, load
 from .plan import _pack_key, balance
-from .pool import make_pool
+from .pool import JobFailure, close_in_background, make_pool, open_beside
 from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
 from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
-from .tracking import Tracker
 
 __all__ = ["SearchRun", "StorageError", "resume_search", "run_search_cli", "suggest"]
 
@@ -122,7 +121,8 @@ def make_sampler(cfg: SearchConfig, n_existing: int) -> optuna.samplers.BaseSamp
     startup: dict[str, Any] = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
     with _quiet():
         if s.name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              constant_liar=s.constant_liar,
                                               **startup)
         if s.name == "cmaes":
             return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **startup)
@@ -313,6 +313,10 @@ class SearchRun:
         self._progress: Progress | None = None
         self._task_id: Any = None
         self._done_before = 0
+        self._told: list[int] = []
+        """Trials told since the last MLflow flush (their runs' ends are flushed per finished pack)."""
+        self._told_now = 0
+        self._per_pack = max(1, cfg.search.parallel)
         self._hb_stop = threading.Event()
         self._state = {"search_key": self.search_key, "study": self.study_name, "storage": self.storage_url,
                        "tracking_uri": self.tracking_uri, "name": cfg.name}
@@ -338,19 +342,24 @@ class SearchRun:
                                    f"{str(err).strip().splitlines()[0][:200]}") from None
             self.study.sampler = make_sampler(self.cfg, len(self.study.get_trials(deepcopy=False)))
             self.study.pruner = make_pruner(self.cfg)
-            self.tracker = Tracker(self.tracking_uri, self.cfg.name)
             try:
                 return self._run()
             finally:
                 self._hb_stop.set()
+                tracker = getattr(self, "tracker", None)
                 try:
-                    self.tracker.close()
+                    if tracker is not None:
+                        tracker.close()
                 except Exception as err:  # report, but keep the primary error if any
                     self.console.print(f"[red]MLflow: {err}[/]", soft_wrap=True)
 
     # ------------------------------------------------------------------ driver
-    def _run(self) -> dict[str, Any]:
+    def _open_tracking(self) -> None:
+        """Tracker (fails fast on an unreachable server), the study's parent run, the config artifact."""
+        from .tracking import Tracker  # imported here: mlflow's import (~1.5 s) overlaps Ray's boot
+
         cfg = self.cfg
+        self.tracker = Tracker(self.tracking_uri, cfg.name)
         base = cfg.base_raw()
         base.pop("execution")
         params = {**_flatten(base), **_flatten({"search": cfg.search.model_dump(mode="json")})}
@@ -363,20 +372,29 @@ class SearchRun:
             "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
             **{f"version.{k}": v for k, v in _versions().items()}})
         self.tracker.log_artifact(self.parent, self.out / "search.yaml")
+
+    def _run(self) -> dict[str, Any]:
+        cfg = self.cfg
         self._recover()
-        self._sync_mlflow()
         target = cfg.search.trials
         done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        ex = cfg.execution
         if done < target or self._fidelity_todo():
-            ex = cfg.execution
-            pool = make_pool(ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                             cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries)
-            with pool:
+            pool = open_beside(lambda: make_pool(
+                ex.backend, address=self.address, device=ex.device, workers=ex.workers,
+                cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries), self._open_tracking)
+        else:
+            pool = None
+            self._open_tracking()
+        self._sync_mlflow()
+        closer: threading.Thread | None = None
+        if pool is not None:
+            try:
                 self.pool = pool
                 self._heartbeat_thread()
                 self.console.print(
                     f"[bold]{cfg.name}[/]: study '{self.study_name}' ({self.storage_desc}), {done}/{target} "
-                    f"trials done, {cfg.search.parallel} per round on {pool.n_workers} {pool.device} "
+                    f"trials done, up to {cfg.search.parallel} in flight on {pool.n_workers} {pool.device} "
                     f"worker(s); MLflow {self.tracking_uri}", soft_wrap=True, highlight=False)
                 progress = Progress(
                     TextColumn("[progress.description]{task.description}"), BarColumn(),
@@ -391,22 +409,96 @@ class SearchRun:
                     self._progress = None
                 if cfg.search.fidelity is not None:
                     self._fidelity()
-        return self._finish()
+            except BaseException:
+                pool.close()
+                raise
+            closer = close_in_background(pool)  # while the plots render
+        try:
+            return self._finish()
+        finally:
+            if closer is not None:
+                closer.join(timeout=60)
 
     def _loop(self, target: int) -> None:
+        """Asynchronous ask/tell: every worker starts with a pack of trials; the moment a pack ends, its
+        worker gets a pack of new trials, asked with everything told so far (no round waits for its slowest
+        pack, and the sampler sees each result as soon as it exists)."""
+        self._per_pack = max(1, math.ceil(self.cfg.search.parallel / self.pool.n_workers))
+        self._done_before, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        self._told_now = 0
         while True:
             if self.stop.is_set():
                 raise self._interrupted()
-            self._recover()
-            trials = self.study.get_trials(deepcopy=False)
-            done, running, _ = _budget_counts(trials)
-            self._done_before = done
-            self._advance()
-            # RUNNING trials here belong to other live drivers sharing the study: they count as in flight.
-            n = min(self.cfg.search.parallel, target - done - running)
-            if n <= 0:
+            jobs: list[PackJob] = []
+            for _ in range(self.pool.n_workers):
+                new = self._next_jobs(target)
+                if not new:
+                    break
+                jobs += new
+            if not jobs:
+                self._flush_told()
                 return
-            self._round(n)
+            self.pool.run(jobs, self._on_event, self.stop,
+                          on_done=lambda job, failure: self._on_pack_done(job, failure, target))
+            self._settle()
+
+    def _next_jobs(self, target: int) -> list[PackJob]:
+        """Packs for up to ``_per_pack`` new trials (none once the budget is asked for). Trials that cannot
+        run (an invalid combination, too wide for a worker) are told FAIL at once and replaced."""
+        while True:
+            self._recover()
+            done, running, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+            # RUNNING trials include ours in flight and those of other live drivers sharing the study.
+            n = min(self._per_pack, target - done - running)
+            if n <= 0:
+                return []
+            lives = [self._start_trial(self._ask()) for _ in range(n)]
+            jobs = self._pack([lv for lv in lives if lv.fail_reason is None], tag=f"t{lives[0].number:06d}",
+                              spread=False)
+            for lv in lives:
+                if lv.fail_reason is not None:
+                    self._tell(lv)
+            if jobs:
+                return jobs
+
+    def _on_pack_done(self, job: PackJob, failure: JobFailure | None, target: int) -> list[PackJob]:
+        """A pack ended: tell its trials that have no result yet, then hand its worker new trials."""
+        for sp in job.networks:
+            lv = self.live.get(sp.net_id)
+            if lv is None or lv.trial is None:
+                continue
+            if failure is not None and lv.retired is None:
+                lv.fail_reason = f"pack failed: {failure.reason}"
+            if self.stop.is_set() and lv.retired is None and lv.fail_reason is None and lv.prune_at is None:
+                continue  # interrupted: retried by _settle
+            self._tell(lv)
+        self._flush_told()
+        if self.stop.is_set():
+            return []
+        return self._next_jobs(target)
+
+    def _settle(self) -> None:
+        """After the pool returns: tell what is left; trials an interrupt cut short are failed and retried."""
+        interrupted = []
+        for lv in [lv for lv in self.live.values() if lv.trial is not None]:
+            if self.stop.is_set() and lv.retired is None and lv.fail_reason is None and lv.prune_at is None:
+                interrupted.append(lv)
+                self.live.pop(lv.net_id, None)
+            else:
+                self._tell(lv)
+        for lv in interrupted:
+            why = f"driver interrupted at step {lv.last_step}; retried as a new trial"
+            self._retry(self._frozen(lv.number), why)
+            self._log_end(lv.run_id, self._frozen(lv.number))
+            self._told.append(lv.number)
+        self._flush_told()
+        if self.stop.is_set():
+            raise self._interrupted()
+
+    def _flush_told(self) -> None:
+        if self._told:
+            self._flush_synced(self._told)
+            self._told = []
 
     def _interrupted(self) -> Interrupted:
         self.tracker.flush()
@@ -427,32 +519,6 @@ class SearchRun:
         trial.set_user_attr(KEY_ATTR, self.search_key)
         trial.set_user_attr(DRIVER_ATTR, self.driver_id)
         return trial
-
-    def _round(self, n: int) -> None:
-        lives = [self._start_trial(self._ask()) for _ in range(n)]
-        runnable = [lv for lv in lives if lv.fail_reason is None]
-        jobs = self._pack(runnable, tag=f"t{lives[0].number:06d}")
-        if jobs:
-            failures = self.pool.run(jobs, self._on_event, self.stop)
-            for f in failures:
-                for sp in f.job.networks:
-                    lv = self.live.get(sp.net_id)
-                    if lv is not None and lv.retired is None:
-                        lv.fail_reason = f"pack failed: {f.reason}"
-        interrupted = []
-        for lv in lives:
-            if self.stop.is_set() and lv.retired is None and lv.fail_reason is None and lv.prune_at is None:
-                interrupted.append(lv)
-            else:
-                self._tell(lv)
-            self.live.pop(lv.net_id, None)
-        for lv in interrupted:
-            why = f"driver interrupted at step {lv.last_step}; retried as a new trial"
-            self._retry(self._frozen(lv.number), why)
-            self._log_end(lv.run_id, self._frozen(lv.number))
-        self._flush_synced([lv.number for lv in lives])
-        if self.stop.is_set():
-            raise self._interrupted()
 
     # ------------------------------------------------------------------ trials
     def _frozen(self, number: int) -> FrozenTrial:
@@ -501,9 +567,10 @@ class SearchRun:
                            lr=d.lr, parametrization=m.parametrization, temperature=d.temperature,
                            bd_rate=d.birth_death.rate, bd_scheme=d.birth_death.scheme)
 
-    def _pack(self, lives: Sequence[_Live], tag: str) -> list[PackJob]:
-        """Compatible networks share a pack; each group is split over the workers, balanced by width and
-        within the memory a worker may use."""
+    def _pack(self, lives: Sequence[_Live], tag: str, spread: bool = True) -> list[PackJob]:
+        """Compatible networks share a pack, within the memory a worker may use; with ``spread`` each group
+        is split over the workers, balanced by width (else it stays one pack where it fits: one worker's
+        share of an asynchronous search)."""
         import torch
 
         ex = self.cfg.execution
@@ -535,7 +602,7 @@ class SearchRun:
                     fits.append(lv)
             if not fits:
                 continue
-            share = max(1, round(self.pool.n_workers * len(fits) / max(1, len(lives))))
+            share = max(1, round(self.pool.n_workers * len(fits) / max(1, len(lives)))) if spread else 1
             n_bins = min(len(fits), max(share, math.ceil(len(fits) / ex.max_networks_per_pack)))
             def fit(b: list[_Live], _m: Callable[[Sequence[int]], int] = mem,
                     _l: int = ex.max_networks_per_pack) -> bool:
@@ -574,17 +641,17 @@ class SearchRun:
             lv = self.live.get(r.net_id)
             if lv is not None and lv.retired is None:
                 lv.retired = r
+                if lv.trial is not None:
+                    self._tell(lv)  # the sampler and pruner see it now, not when its pack ends
         self._advance()
 
     def _advance(self) -> None:
         if self._progress is None:
             return
-        frac = sum(min(1.0, lv.steps_trained / max(1, lv.steps)) if lv.prune_at is None and lv.retired is None
-                   else 1.0 for lv in self.live.values() if lv.trial is not None)
-        done = self._done_before + sum(1 for lv in self.live.values()
-                                       if lv.trial is not None and (lv.retired or lv.prune_at is not None))
-        self._progress.update(self._task_id, completed=self._done_before + frac,
-                              trials=f"{done}/{self.cfg.search.trials}")
+        frac = sum(1.0 if lv.prune_at is not None else min(1.0, lv.steps_trained / max(1, lv.steps))
+                   for lv in self.live.values() if lv.trial is not None)
+        done = self._done_before + self._told_now
+        self._progress.update(self._task_id, completed=done + frac, trials=f"{done}/{self.cfg.search.trials}")
 
     def _tell(self, lv: _Live) -> None:
         """Tell Optuna how the trial ended, then record it in MLflow."""
@@ -609,6 +676,9 @@ class SearchRun:
         trial.set_user_attr(REASON_ATTR, reason)
         frozen = self.study.tell(trial, values, state=state, skip_if_finished=True)
         self._log_end(lv.run_id, frozen)
+        self.live.pop(lv.net_id, None)
+        self._told.append(lv.number)
+        self._told_now += 1
 
     # ------------------------------------------------------------------ recovery
     def _retry(self, t: FrozenTrial, reason: str) -> None:

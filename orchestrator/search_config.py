@@ -203,6 +203,9 @@ class SamplerConfig(Strict):
     """Random trials before the model kicks in (tpe, cmaes, gp); None = Optuna's default."""
     population_size: int | None = Field(None, ge=2)
     """nsga2 population (None = max(8, search.parallel))."""
+    constant_liar: bool = True
+    """tpe: treat trials in flight as bad results, so parallel asks spread out (Optuna's advice for parallel
+    searches); False lets them crowd into the best region found so far."""
 
 
 class PrunerConfig(Strict):

@@ -42,6 +42,8 @@ from mlflow.utils.validation import _validate_metric_name
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from .errors import TrackingError
+
 __all__ = ["Tracker", "TrackerStats", "TrackingError"]
 
 _log = logging.getLogger(__name__)
@@ -74,10 +76,6 @@ _MAX_DOUBLE = 1.7976931348623157e308
 # SQL dialects whose INSERT ... ON CONFLICT the bulk path uses.
 _BULK_DIALECTS: dict[str, Callable[[sa.Table], Any]] = {
     "sqlite": sqlite_insert, "postgresql": postgresql_insert}
-
-
-class TrackingError(RuntimeError):
-    """MLflow tracking failed in a way the caller must hear about (one line: the problem and the fix)."""
 
 
 @dataclass(frozen=True)

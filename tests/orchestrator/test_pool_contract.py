@@ -109,3 +109,42 @@ def test_failing_job_is_reported(pool: Pool, tmp_path: Path) -> None:
     failures = pool.run([bad, jobs[1]], lambda ev: None)
     assert [f.job.pack_id for f in failures] == [bad.pack_id]
     assert failures[0].reason  # a reason, not an empty string
+
+
+def test_on_done_follows_last_report_and_adds_jobs(pool: Pool, tmp_path: Path) -> None:
+    """on_done comes once per job, after the job's last report, in the caller's thread; the jobs it returns
+    run in the same call (a failing one is reported to on_done with its failure)."""
+    import threading
+    from dataclasses import replace
+
+    _, jobs = jobs_for(tmp_path, pool)
+    first, later = jobs[:1], jobs[1:]
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    bad = replace(later[0], pack_id="bad", checkpoint=str(blocker / "sub" / "ck.pt"))
+    caller = threading.get_ident()
+    order: list[tuple[str, str]] = []  # ("event" | "done", pack_id)
+    ended: dict[str, str | None] = {}
+    handed_out = [False]
+
+    def on_event(ev: PackEvent) -> None:
+        assert threading.get_ident() == caller
+        assert ev.pack_id not in ended  # no report after its job's end
+        order.append(("event", ev.pack_id))
+
+    def on_done(job, failure):  # type: ignore[no-untyped-def]
+        assert threading.get_ident() == caller and job.pack_id not in ended
+        ended[job.pack_id] = None if failure is None else failure.reason
+        order.append(("done", job.pack_id))
+        if handed_out[0]:
+            return []
+        handed_out[0] = True  # the first job to end hands out the rest, one of which fails
+        return [*later, bad]
+
+    failures = pool.run(first, on_event, on_done=on_done)
+    assert set(ended) == {j.pack_id for j in jobs} | {"bad"}
+    assert [f.job.pack_id for f in failures] == ["bad"] and ended["bad"]
+    assert all(ended[j.pack_id] is None for j in jobs)
+    for j in jobs:  # every good job reported before its end
+        assert ("event", j.pack_id) in order
+        assert order.index(("done", j.pack_id)) > max(i for i, x in enumerate(order) if x == ("event", j.pack_id))

@@ -62,6 +62,10 @@ def resample(potential: Tensor, prob_fn_args: tuple[Tensor, Tensor, int, bool], 
     clone = event & (beta < 0)
 
     ar = torch.arange(n, device=potential.device).expand(s, n)
+    if not potential.is_cuda and not bool((kill | clone).any()):
+        # Small rates make most applications empty: skip the sorts (on CPU the check costs no sync).
+        none = torch.zeros(s, dtype=torch.long, device=potential.device)
+        return Resampling(source=ar.clone(), fresh=torch.zeros_like(kill), kills=none, clones=none.clone())
     source = ar.clone()
     # Clones: the r-th clone (random order) overwrites the r-th eligible slot (random order).
     eligible = ~(kill | clone)

@@ -428,6 +428,8 @@ class Pack:
             uniforms,
             g.prior[idx],
         )
+        if not g.z.is_cuda and not bool((res.kills + res.clones).any()):
+            return  # nothing moved (the draws above are made all the same: the streams do not depend on it)
         src = res.source
         d, k = g.z.shape[2], g.c.shape[2]
         z_new = torch.gather(g.z[idx], 1, src.unsqueeze(-1).expand(-1, -1, d))
