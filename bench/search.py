@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.engine import MeanFieldNet  # noqa: E402  (the same user-style network as the engine benchmark)
-from orchestrator.search import make_sampler, suggest  # noqa: E402
+from orchestrator.search import make_sampler, network_spec, suggest  # noqa: E402
 from orchestrator.search_config import SearchConfig, load_search  # noqa: E402
-from workers.engine import DataStream, derive_seed, generator, init_particles, make_task  # noqa: E402
+from workers.engine import DataStream, Pack, derive_seed, generator, init_particles, make_task  # noqa: E402
 from workers.engine.rng import NETWORK_STREAM  # noqa: E402
 
 CONFIG = ROOT / "configs" / "search" / "bd_teacher.yaml"
@@ -149,6 +149,22 @@ def mfsweep(sets: list[str], backend: str) -> dict[str, Any]:
             "best_params": summary["best"]["params"], "states": summary["states"]}
 
 
+def reevaluate(cfg: SearchConfig, params: list[dict[str, Any]], reps: int) -> list[list[float]]:
+    """Final test loss of each parameter set on ``reps`` fresh seeds, none of them the search's (seed 0):
+    the true quality of a search's pick, free of the luck that made its one run the best. Paired: replicate
+    r trains every parameter set from the same initial particles on the same batches."""
+    resolved = [cfg.resolve(p) for p in params]
+    base = resolved[0][0]
+    out: list[list[float]] = [[] for _ in params]
+    for r in range(reps):
+        nets = [network_spec(tcfg, i, width, 1000 + r) for i, (tcfg, width) in enumerate(resolved)]
+        pack = Pack(base.task.spec(), base.model.spec(), base.dynamics.spec(), nets, data_seed=1000 + r)
+        for rep in pack.train():
+            for ret in rep.retired:
+                out[ret.net_id].append(float("nan") if ret.final_test_loss is None else ret.final_test_loss)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=64)
@@ -157,6 +173,8 @@ def main() -> None:
                     help="sampler seeds: one search of each kind per seed (the best value of one search is "
                          "a noisy draw; compare several)")
     ap.add_argument("--parallel", type=int, default=16, help="mfsweep: trials in flight at once")
+    ap.add_argument("--reeval", type=int, default=16,
+                    help="fresh seeds on which both searches' picks are re-trained (0: skip)")
     ap.add_argument("--backend", default="ray", choices=["ray", "local"], help="mfsweep pool")
     ap.add_argument("--baseline-pruner", default="none", choices=["none", "successive_halving"],
                     help="give (a) the same pruner as (b)")
@@ -174,11 +192,20 @@ def main() -> None:
         a = baseline(cfg, args.trials, args.baseline_pruner)
         print(f"seed {seed} (a) study.optimize + nn.Module: {a['wall_s']:.1f} s, best {a['best']:.4g}, "
               f"{a['states']}", flush=True)
+        row_q: dict[str, Any] = {}
+        if args.reeval:
+            qa, qb = reevaluate(cfg, [a["best_params"], b["best_params"]], args.reeval)
+            row_q = {"optimize_pick_reeval": statistics.fmean(qa), "mfsweep_pick_reeval": statistics.fmean(qb),
+                     "reeval_paired_diff_se": statistics.stdev([y - x for x, y in zip(qa, qb, strict=True)])
+                     / math.sqrt(len(qa)) if len(qa) > 1 else None}
+            print(f"seed {seed} picks re-trained on {args.reeval} fresh seeds: optimize "
+                  f"{row_q['optimize_pick_reeval']:.4g}, mfsweep {row_q['mfsweep_pick_reeval']:.4g}", flush=True)
         rows.append({"seed": seed, "optimize_s": round(a["wall_s"], 2), "mfsweep_s": round(b["wall_s"], 2),
                      "speedup": round(a["wall_s"] / b["wall_s"], 2),
                      "optimize_particle_steps": a["particle_steps"], "mfsweep_particle_steps": b["particle_steps"],
                      "optimize_best": a["best"], "mfsweep_best": b["best"],
-                     "optimize_states": a["states"], "mfsweep_states": b["states"]})
+                     "optimize_states": a["states"], "mfsweep_states": b["states"],
+                     "optimize_params": a["best_params"], "mfsweep_params": b["best_params"], **row_q})
     opt_s, mf_s = sum(r["optimize_s"] for r in rows), sum(r["mfsweep_s"] for r in rows)
     print(json.dumps({
         "trials": args.trials, "steps": cfg.dynamics.steps, "width": cfg.search.trial_width,
@@ -192,6 +219,9 @@ def main() -> None:
         "optimize_best_median": statistics.median(r["optimize_best"] for r in rows),
         "mfsweep_best_median": statistics.median(r["mfsweep_best"] for r in rows),
         "mfsweep_best_le_optimize": sum(r["mfsweep_best"] <= r["optimize_best"] for r in rows),
+        **({"optimize_pick_reeval_mean": statistics.fmean(r["optimize_pick_reeval"] for r in rows),
+            "mfsweep_pick_reeval_mean": statistics.fmean(r["mfsweep_pick_reeval"] for r in rows)}
+           if args.reeval else {}),
         "per_seed": rows,
     }))
 

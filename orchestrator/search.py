@@ -62,7 +62,7 @@ from .pool import JobFailure, close_in_background, make_pool, open_beside
 from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
 from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
 
-__all__ = ["SearchRun", "StorageError", "resume_search", "run_search_cli", "suggest"]
+__all__ = ["SearchRun", "StorageError", "network_spec", "resume_search", "run_search_cli", "suggest"]
 
 EXIT_SERVICE = 3
 KEY_ATTR = "mfsweep.search_key"
@@ -112,6 +112,14 @@ def suggest(trial: Trial, space: Mapping[str, ParamConfig]) -> dict[str, Any]:
             assert p.low is not None and p.high is not None
             params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
     return params
+
+
+def network_spec(tcfg: ScalingConfig, net_id: int, width: int, seed: int) -> NetworkSpec:
+    """A trial's network: its resolved config's per-network settings, initialised from ``seed``."""
+    d, m = tcfg.dynamics, tcfg.model
+    return NetworkSpec(net_id=net_id, width=width, seed=derive_seed(seed, 0), lr=d.lr,
+                       parametrization=m.parametrization, temperature=d.temperature,
+                       bd_rate=d.birth_death.rate, bd_scheme=d.birth_death.scheme)
 
 
 def make_sampler(cfg: SearchConfig, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -562,10 +570,7 @@ class SearchRun:
 
     def _spec(self, lv: _Live) -> NetworkSpec:
         assert lv.cfg is not None
-        d, m = lv.cfg.dynamics, lv.cfg.model
-        return NetworkSpec(net_id=lv.net_id, width=lv.width, seed=derive_seed(self.cfg.search.seed, 0),
-                           lr=d.lr, parametrization=m.parametrization, temperature=d.temperature,
-                           bd_rate=d.birth_death.rate, bd_scheme=d.birth_death.scheme)
+        return network_spec(lv.cfg, lv.net_id, lv.width, self.cfg.search.seed)
 
     def _pack(self, lives: Sequence[_Live], tag: str, spread: bool = True) -> list[PackJob]:
         """Compatible networks share a pack, within the memory a worker may use; with ``spread`` each group
@@ -925,7 +930,8 @@ class SearchRun:
             ("optimization_history.png", lambda: ovm.plot_optimization_history(
                 self.study, target=target, target_name=name)),
             ("param_importances.png", lambda: ovm.plot_param_importances(
-                self.study, target=target, target_name=name)),
+                self.study, target=target, target_name=name,
+                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=self.cfg.search.sampler.seed))),
             ("parallel_coordinate.png", lambda: ovm.plot_parallel_coordinate(
                 self.study, target=target, target_name=name)),
         ]

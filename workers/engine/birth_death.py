@@ -45,6 +45,14 @@ def probabilities(beta: Tensor, alpha: Tensor, dt: Tensor, every: int, per_time:
     return rate.clamp(max=1.0)
 
 
+def events(potential: Tensor, prob_fn_args: tuple[Tensor, Tensor, int, bool], u: Tensor) -> Tensor:
+    """(S, n) bool: particles that die or clone at this application, given its first uniforms u (S, n)
+    (the same draw as in :func:`resample`; a cheap test that an application moves nothing)."""
+    alpha, dt, every, per_time = prob_fn_args
+    beta = potential - potential.mean(dim=1, keepdim=True)
+    return (u < probabilities(beta, alpha, dt, every, per_time)) & (beta != 0)
+
+
 def resample(potential: Tensor, prob_fn_args: tuple[Tensor, Tensor, int, bool], uniforms: Tensor,
              prior: Tensor) -> Resampling:
     """Draw one birth-death application.
@@ -62,10 +70,6 @@ def resample(potential: Tensor, prob_fn_args: tuple[Tensor, Tensor, int, bool], 
     clone = event & (beta < 0)
 
     ar = torch.arange(n, device=potential.device).expand(s, n)
-    if not potential.is_cuda and not bool((kill | clone).any()):
-        # Small rates make most applications empty: skip the sorts (on CPU the check costs no sync).
-        none = torch.zeros(s, dtype=torch.long, device=potential.device)
-        return Resampling(source=ar.clone(), fresh=torch.zeros_like(kill), kills=none, clones=none.clone())
     source = ar.clone()
     # Clones: the r-th clone (random order) overwrites the r-th eligible slot (random order).
     eligible = ~(kill | clone)

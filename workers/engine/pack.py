@@ -210,6 +210,13 @@ class _Group:
         self.prior = torch.tensor([sp.bd_scheme is Scheme.PRIOR for sp in self.specs], device=dev)
         self.any_noise = any(sp.temperature > 0 for sp in self.specs)
         self.any_bd = any(sp.bd_rate > 0 for sp in self.specs)
+        # Rows with birth-death and their per-row settings, gathered once (not at every step).
+        self.bd_rows = [r for r, sp in enumerate(self.specs) if sp.bd_rate > 0]
+        self.bd_idx = None if len(self.bd_rows) == len(self.specs) else \
+            torch.tensor(self.bd_rows, device=dev, dtype=torch.long)
+        sel = (lambda t: t) if self.bd_idx is None else (lambda t: t[self.bd_idx])
+        self.bd_alpha, self.bd_dt, self.bd_prior = sel(self.alpha), sel(self.dt), sel(self.prior)
+        self.bd_any_prior = any(self.specs[r].bd_scheme is Scheme.PRIOR for r in self.bd_rows)
 
     @property
     def ids(self) -> list[int]:
@@ -413,29 +420,28 @@ class Pack:
             g.c[r].add_(torch.randn(g.c[r].shape, generator=gen, device=g.z.device, dtype=g.z.dtype), alpha=std)
 
     def _birth_death(self, g: _Group, potential: Tensor) -> None:
-        rows = [r for r, sp in enumerate(g.specs) if sp.bd_rate > 0]
+        rows = g.bd_rows
         if not rows:
             return
         n = g.width
-        idx = torch.tensor(rows, device=g.z.device)
+        idx = g.bd_idx
         uniforms = torch.stack(
             [torch.rand(4, n, generator=g.gens[r], device=g.z.device, dtype=g.z.dtype) for r in rows]
         )
-        res = birth_death.resample(
-            potential[idx].to(g.z.dtype),
-            (g.alpha[idx], g.dt[idx], self.dynamics.bd_every,
-             self.dynamics.bd_convention is RateConvention.PER_TIME),
-            uniforms,
-            g.prior[idx],
-        )
-        if not g.z.is_cuda and not bool((res.kills + res.clones).any()):
-            return  # nothing moved (the draws above are made all the same: the streams do not depend on it)
+        pot = (potential if idx is None else potential[idx]).to(g.z.dtype)
+        dyn = self.dynamics
+        rate = (g.bd_alpha, g.bd_dt, dyn.bd_every, dyn.bd_convention is RateConvention.PER_TIME)
+        if not g.z.is_cuda and not bool(birth_death.events(pot, rate, uniforms[:, 0]).any()):
+            return  # small rates leave most applications empty; the draws above are made all the same
+        res = birth_death.resample(pot, rate, uniforms, g.bd_prior)
+        if idx is None:
+            idx = torch.arange(len(g.specs), device=g.z.device)
         src = res.source
         d, k = g.z.shape[2], g.c.shape[2]
         z_new = torch.gather(g.z[idx], 1, src.unsqueeze(-1).expand(-1, -1, d))
         c_new = torch.gather(g.c[idx], 1, src.unsqueeze(-1).expand(-1, -1, k))
         b_new = None if g.b is None else torch.gather(g.b[idx], 1, src)
-        if bool(g.prior[idx].any()):
+        if g.bd_any_prior:
             for j, r in enumerate(rows):
                 if g.specs[r].bd_scheme is not Scheme.PRIOR:
                     continue
