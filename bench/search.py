@@ -3,14 +3,22 @@
 (a) what Optuna users do today: ``study.optimize`` with one trial at a time in the driver process, each trial
     training a ``torch.nn.Module`` with ``torch.optim.SGD`` (mean-field scaling, the same initial particles
     and batches as the engine, birth-death written in plain torch), no pruning unless --baseline-pruner;
-(b) ``mfsweep search`` as a user runs it (a subprocess of the real CLI: Ray pool, packing, pruning, MLflow,
-    plots), on configs/search/bd_teacher.yaml with 64 trials and no width fidelity.
+(b) ``mfsweep search`` as a user runs it (a subprocess of the real CLI: starting a local Ray, packing,
+    pruning, MLflow, plots), on configs/search/bd_teacher.yaml with 64 trials and no width fidelity.
 
-    python bench/search.py                                   # 64 trials, the config's budget (600 steps)
-    python bench/search.py --trials 16 --steps 200           # a quick look
+    python bench/search.py                         # 3000 steps a trial, sampler seeds 0-4 (about 12 min)
+    python bench/search.py --steps 600 --seeds 0   # the config's own budget: fixed costs dominate
+    python bench/search.py --mfsweep-set search.reeval.top_k=4 --mfsweep-set search.reeval.seeds=4
 
-The last line printed is one JSON object: wall seconds of each, speedup, total particle-steps of each
-(width x steps actually trained), best value of each, and the settings.
+Why 3000 steps: at 600 steps a trial costs study.optimize 0.3 s, less than mfsweep spends starting Python,
+Ray and MLflow; real searches train longer (SCIENCE.md's example B runs 1e5 steps). Why several seeds and a
+re-evaluation: at a fixed SGD budget the final test loss of one run is a draw from the noise floor, so the
+best of 64 runs is mostly luck (the same search, run twice on Ray, picks different winners). Each search's
+pick is therefore also retrained on --reeval fresh seeds (paired, outside the timed part): that mean is its
+real quality.
+
+The last line printed is one JSON object: wall seconds of each (summed over seeds), speedup, particle-steps,
+per seed the best single-run value and the re-evaluated quality of each pick, and the settings.
 """
 
 from __future__ import annotations
@@ -168,11 +176,13 @@ def reevaluate(cfg: SearchConfig, params: list[dict[str, Any]], reps: int) -> li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=None, help="override dynamics.steps (the budget)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+    ap.add_argument("--steps", type=int, default=3000, help="dynamics.steps (the budget of a trial)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                     help="sampler seeds: one search of each kind per seed (the best value of one search is "
                          "a noisy draw; compare several)")
     ap.add_argument("--parallel", type=int, default=16, help="mfsweep: trials in flight at once")
+    ap.add_argument("--mfsweep-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --set for (b) only, e.g. search.reeval.top_k=4 (repeatable)")
     ap.add_argument("--reeval", type=int, default=16,
                     help="fresh seeds on which both searches' picks are re-trained (0: skip)")
     ap.add_argument("--backend", default="ray", choices=["ray", "local"], help="mfsweep pool")
@@ -186,7 +196,7 @@ def main() -> None:
         if args.steps:
             sets.append(f"dynamics.steps={args.steps}")
         cfg = load_search(CONFIG, sets)
-        b = mfsweep(sets, args.backend)
+        b = mfsweep(sets + args.mfsweep_set, args.backend)
         print(f"seed {seed} (b) mfsweep search: {b['wall_s']:.1f} s, best {b['best']:.4g}, {b['states']}",
               flush=True)
         a = baseline(cfg, args.trials, args.baseline_pruner)
@@ -210,7 +220,7 @@ def main() -> None:
     print(json.dumps({
         "trials": args.trials, "steps": cfg.dynamics.steps, "width": cfg.search.trial_width,
         "parallel": args.parallel, "backend": args.backend, "sampler": cfg.search.sampler.name,
-        "seeds": args.seeds, "baseline_pruner": args.baseline_pruner,
+        "seeds": args.seeds, "baseline_pruner": args.baseline_pruner, "mfsweep_set": args.mfsweep_set,
         "mfsweep_pruner": cfg.search.pruner_name,
         "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "optimize_s": round(opt_s, 2), "mfsweep_s": round(mf_s, 2), "speedup": round(opt_s / mf_s, 2),

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import statistics
 import threading
 import time
 import uuid
@@ -75,6 +76,8 @@ HEARTBEAT_S = 10
 GRACE_S = 60
 # Promoted (fidelity) networks need ids that never collide with trial numbers inside a pack.
 _PROMOTED_BASE = 1 << 40
+_REEVAL_BASE = 1 << 41
+REEVAL_PREFIX = "mfsweep.reeval"
 
 
 class StorageError(RuntimeError):
@@ -250,6 +253,10 @@ class _Live:
     run_id: str
     trial: Trial | None = None
     cfg: ScalingConfig | None = None
+    seed: int | None = None
+    """Initialisation and data seed (None: the search's)."""
+    key: str = ""
+    """Extra stages (fidelity, re-evaluation): the study user attr its result goes to."""
     last_step: int = 0
     seen_step: int = -1
     """Highest report step handled: a pack retried from scratch replays its reports."""
@@ -387,7 +394,7 @@ class SearchRun:
         target = cfg.search.trials
         done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
         ex = cfg.execution
-        if done < target or self._fidelity_todo():
+        if done < target or self._fidelity_todo() or self._reeval_todo():
             pool = open_beside(lambda: make_pool(
                 ex.backend, address=self.address, device=ex.device, workers=ex.workers,
                 cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries), self._open_tracking)
@@ -415,6 +422,8 @@ class SearchRun:
                                                       trials=f"{done}/{target}")
                     self._loop(target)
                     self._progress = None
+                if cfg.search.reeval is not None:
+                    self._reeval()
                 if cfg.search.fidelity is not None:
                     self._fidelity()
             except BaseException:
@@ -570,9 +579,10 @@ class SearchRun:
 
     def _spec(self, lv: _Live) -> NetworkSpec:
         assert lv.cfg is not None
-        return network_spec(lv.cfg, lv.net_id, lv.width, self.cfg.search.seed)
+        return network_spec(lv.cfg, lv.net_id, lv.width, self.cfg.search.seed if lv.seed is None else lv.seed)
 
-    def _pack(self, lives: Sequence[_Live], tag: str, spread: bool = True) -> list[PackJob]:
+    def _pack(self, lives: Sequence[_Live], tag: str, spread: bool = True,
+              data_seed: int | None = None) -> list[PackJob]:
         """Compatible networks share a pack, within the memory a worker may use; with ``spread`` each group
         is split over the workers, balanced by width (else it stays one pack where it fits: one worker's
         share of an asynchronous search)."""
@@ -619,7 +629,8 @@ class SearchRun:
                 jobs.append(PackJob(
                     pack_id=f"{self.search_key[:8]}-{tag}-{len(jobs)}", task=task_spec, model=model,
                     dynamics=dyn, networks=specs,
-                    data_seed=self.cfg.search.seed, dtype=c.execution.dtype, checkpoint=None))
+                    data_seed=self.cfg.search.seed if data_seed is None else data_seed,
+                    dtype=c.execution.dtype, checkpoint=None))
         jobs.sort(key=lambda j: -j.cost)
         return jobs
 
@@ -791,11 +802,13 @@ class SearchRun:
     def _fidelity_key(self, width: int, number: int) -> str:
         return f"{FIDELITY_PREFIX}.w{width:06d}.t{number:06d}"
 
-    def _top(self) -> list[FrozenTrial]:
-        fid = self.cfg.search.fidelity
-        assert fid is not None
+    def _top(self, k: int | None = None) -> list[FrozenTrial]:
+        """The k (default: fidelity.top_k) best complete trials by their single-run value."""
+        if k is None:
+            assert self.cfg.search.fidelity is not None
+            k = self.cfg.search.fidelity.top_k
         complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return sorted(complete, key=lambda t: (t.values[0], t.number))[: fid.top_k]
+        return sorted(complete, key=lambda t: (t.values[0], t.number))[:k]
 
     def _fidelity_todo(self) -> list[tuple[FrozenTrial, int]]:
         """(trial, width) pairs of the promotion stage not yet recorded in the study."""
@@ -818,15 +831,21 @@ class SearchRun:
             tcfg, _ = self._resolve(t.params)
             steps = tcfg.dynamics.steps
             run = self._child(t.number, t.params, width, steps, tcfg, suffix=f"-w{width}")
-            lv = _Live(_PROMOTED_BASE + len(lives), t.number, dict(t.params), width, steps, run, cfg=tcfg)
-            self.live[lv.net_id] = lv
-            lives.append(lv)
+            lives.append(_Live(_PROMOTED_BASE + len(lives), t.number, dict(t.params), width, steps, run, cfg=tcfg,
+                               key=self._fidelity_key(width, t.number)))
         if not lives:
             return
         self.console.print(f"width fidelity: retraining the best {len(top)} trials at widths "
                            f"{fid.widths[1:]} ({len(lives)} networks)", highlight=False)
+        self._run_stage(lives, self._pack(lives, tag="fidelity"), "PROMOTED")
+
+    def _run_stage(self, lives: Sequence[_Live], jobs: list[PackJob], state: str) -> None:
+        """Train an extra stage's networks (no pruning); each result goes to the study's user attr
+        ``lv.key`` (so a resumed search only runs what is missing) and to its MLflow child run."""
+        for lv in lives:
+            self.live[lv.net_id] = lv
         with _stop_on_signals(self.stop):
-            failures = self.pool.run(self._pack(lives, tag="fidelity"), self._on_event, self.stop)
+            failures = self.pool.run(jobs, self._on_event, self.stop)
         for f in failures:
             for sp in f.job.networks:
                 lv = self.live[sp.net_id]
@@ -842,18 +861,78 @@ class SearchRun:
                    "status": r.status.value if r is not None else "failed",
                    "reason": lv.fail_reason or (r.reason if r is not None else ""),
                    PS_ATTR: lv.particle_steps}
-            self.study.set_user_attr(self._fidelity_key(lv.width, lv.number), rec)
+            self.study.set_user_attr(lv.key, rec)
             final = {PS_ATTR: float(lv.particle_steps)}
             if rec["loss"] is not None:
                 final["final_test_loss"] = float(rec["loss"])
             self.tracker.log_metrics(lv.run_id, final, lv.steps_trained)
-            self.tracker.set_tags(lv.run_id, {"optuna.state": "PROMOTED",
+            self.tracker.set_tags(lv.run_id, {"optuna.state": state,
                                               "mfsweep.reason": str(rec["reason"])[:500],
                                               "mfsweep.trial_number": str(lv.number)})
             self.tracker.end_run(lv.run_id, "FINISHED" if ok else "FAILED")
         self.tracker.flush()
         if self.stop.is_set():
             raise self._interrupted()
+
+    # ------------------------------------------------------------------ re-evaluation on fresh seeds
+    def _reeval_key(self, number: int, j: int) -> str:
+        return f"{REEVAL_PREFIX}.t{number:06d}.s{j}"
+
+    def _reeval_seed(self, j: int) -> int:
+        """Fresh seeds: never the search's own (its draws are the ones the pick was lucky on)."""
+        return self.cfg.search.seed + 1 + j
+
+    def _reeval_todo(self) -> list[tuple[FrozenTrial, int]]:
+        rv = self.cfg.search.reeval
+        if rv is None:
+            return []
+        have = self.study.user_attrs
+        return [(t, j) for j in range(rv.seeds) for t in self._top(rv.top_k)
+                if self._reeval_key(t.number, j) not in have]
+
+    def _reeval(self) -> None:
+        """Retrain the top_k complete trials on ``seeds`` fresh seeds each; one pack per seed (a seed fixes
+        the data stream), so every trial sees the same fresh draws (a paired comparison)."""
+        rv = self.cfg.search.reeval
+        assert rv is not None
+        lives: list[_Live] = []
+        for t, j in self._reeval_todo():
+            tcfg, width = self._resolve(t.params)
+            steps = tcfg.dynamics.steps
+            run = self._child(t.number, t.params, width, steps, tcfg, suffix=f"-seed{self._reeval_seed(j)}")
+            lives.append(_Live(_REEVAL_BASE + len(lives), t.number, dict(t.params), width, steps, run, cfg=tcfg,
+                               seed=self._reeval_seed(j), key=self._reeval_key(t.number, j)))
+        if not lives:
+            return
+        self.console.print(f"re-evaluation: retraining the best {rv.top_k} trials on {rv.seeds} fresh seeds "
+                           f"({len(lives)} networks)", highlight=False)
+        jobs: list[PackJob] = []
+        for seed in sorted({lv.seed for lv in lives if lv.seed is not None}):
+            jobs += self._pack([lv for lv in lives if lv.seed == seed], tag=f"reeval-s{seed}", spread=False,
+                               data_seed=seed)
+        self._run_stage(lives, jobs, "REEVALUATED")
+
+    def _reeval_report(self) -> dict[str, Any] | None:
+        rv = self.cfg.search.reeval
+        if rv is None:
+            return None
+        attrs = self.study.user_attrs
+        rows: list[dict[str, Any]] = []
+        for t in self._top(rv.top_k):
+            recs = [attrs.get(self._reeval_key(t.number, j)) for j in range(rv.seeds)]
+            losses = [None if r is None else r.get("loss") for r in recs]
+            got = [v for v in losses if v is not None]
+            mean = statistics.fmean(got) if len(got) == rv.seeds else None
+            se = statistics.stdev(got) / math.sqrt(len(got)) if mean is not None else None
+            rows.append({"number": t.number, "params": t.params, "single_run": t.values[0],
+                         "seeds": [self._reeval_seed(j) for j in range(rv.seeds)], "losses": losses,
+                         "mean": mean, "se": se})
+        done = [r for r in rows if r["mean"] is not None]
+        pick = min(done, key=lambda r: (r["mean"], r["number"])) if done else None
+        if pick is not None:
+            self.tracker.log_metrics(self.parent, {"reeval.pick_mean": pick["mean"], "reeval.pick_se": pick["se"],
+                                                   "reeval.pick_single_run": pick["single_run"]}, 0)
+        return {"top_k": rv.top_k, "seeds": rv.seeds, "trials": rows, "pick": pick}
 
     def _fidelity_report(self) -> dict[str, Any] | None:
         fid = self.cfg.search.fidelity
@@ -890,8 +969,10 @@ class SearchRun:
                  "value": best["losses"][largest]}}
 
     # ------------------------------------------------------------------ results
-    def _best(self, fidelity: dict[str, Any] | None) -> tuple[FrozenTrial | None, int | None, float | None]:
-        """(best trial, the width its exported config should use, value) for the best-config export."""
+    def _best(self, fidelity: dict[str, Any] | None, reeval: dict[str, Any] | None
+              ) -> tuple[FrozenTrial | None, int | None, float | None]:
+        """(best trial, the width its exported config should use, value) for the best-config export: the
+        best at the largest fidelity width, else the lowest re-evaluated mean, else the lowest single run."""
         complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             return None, None, None
@@ -899,6 +980,9 @@ class SearchRun:
             b = fidelity["best_at_largest_width"]
             t = next(tt for tt in complete if tt.number == b["number"])
             return t, int(b["width"]), float(b["value"])
+        if reeval is not None and reeval["pick"] is not None:
+            t = next(tt for tt in complete if tt.number == reeval["pick"]["number"])
+            return t, None, float(reeval["pick"]["mean"])
         t = min(complete, key=lambda tt: tt.values[0])
         return t, None, float(t.values[0])
 
@@ -964,13 +1048,17 @@ class SearchRun:
         states = {s: sum(1 for t in trials if t.state.name == s) for s in ("COMPLETE", "PRUNED", "FAIL")}
         _, _, retried = _budget_counts(trials)
         fidelity = self._fidelity_report()
-        best_t, best_w, best_v = self._best(fidelity)
+        reeval = self._reeval_report()
+        best_t, best_w, best_v = self._best(fidelity, reeval)
         summary: dict[str, Any] = {
             "study": self.study_name,
             "n_trials": len(trials),
             "states": states,
-            "best": None if best_t is None else {"params": best_t.params, "value": best_v,
-                                                 "number": best_t.number},
+            "best": None if best_t is None else {
+                "params": best_t.params, "value": best_v, "number": best_t.number,
+                "value_is": (f"final test loss at width {best_w}" if best_w is not None else
+                             f"mean final test loss over {reeval['seeds']} fresh seeds"
+                             if reeval is not None and reeval["pick"] is not None else "final test loss")},
             "mlflow": {"tracking_uri": self.tracking_uri, "experiment_id": self.tracker.experiment_id,
                        "parent_run_id": self.parent},
             "objective": self.cfg.search.objective.mode,
@@ -983,6 +1071,8 @@ class SearchRun:
                                        for t in sorted(self.study.best_trials, key=lambda t: t.values[0])]
         if fidelity is not None:
             summary["fidelity"] = fidelity
+        if reeval is not None:
+            summary["reeval"] = reeval
         artifacts = self._plots()
         if best_t is not None and best_v is not None:
             path = self._export_best(best_t, best_w, best_v)

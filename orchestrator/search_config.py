@@ -239,12 +239,20 @@ class FidelityConfig(Strict):
         return self
 
 
+class ReevalConfig(Strict):
+    top_k: int = Field(5, ge=1)
+    """How many of the best complete trials are retrained."""
+    seeds: int = Field(4, ge=2)
+    """Fresh (initialisation and data) seeds each of them is retrained on; the pick is the lowest mean."""
+
+
 class SearchSection(Strict):
     trials: int = Field(32, ge=1)
     """Trials to finish (complete, pruned or failed); trials a dead driver left running are retried, not
     counted."""
     parallel: int = Field(8, ge=1)
-    """Trials asked per round and trained together (packed where compatible)."""
+    """Trials in flight at once, one pack per worker (packed where compatible); each pack that ends is
+    replaced at once by a pack of new trials, asked with every result told so far."""
     width: int = Field(64, ge=1)
     """Network width when 'width' is not in the space (and no fidelity)."""
     seed: int = 0
@@ -257,6 +265,9 @@ class SearchSection(Strict):
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     fidelity: FidelityConfig | None = None
     """Width as fidelity (SCIENCE.md section 5): search at a small width, promote the best to larger ones."""
+    reeval: ReevalConfig | None = None
+    """Retrain the best trials on fresh seeds and pick the lowest mean: one run's final loss is a noisy draw,
+    so the lowest of many draws flatters its configuration (docs/results.md, search section)."""
 
     @property
     def pruner_name(self) -> str:
@@ -322,7 +333,8 @@ def _search_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-_SEARCH_KEYS = _search_keys(SearchConfig) + [f"search.fidelity.{k}" for k in FidelityConfig.model_fields]
+_SEARCH_KEYS = _search_keys(SearchConfig) + [f"search.fidelity.{k}" for k in FidelityConfig.model_fields] + \
+    [f"search.reeval.{k}" for k in ReevalConfig.model_fields]
 
 
 def _format(err: ValidationError, where: str) -> str:
@@ -389,6 +401,10 @@ def _check_space(cfg: SearchConfig, where: str) -> None:
     if s.fidelity is not None and s.fidelity.top_k > s.trials:
         raise ConfigError(f"{where}: search.fidelity.top_k ({s.fidelity.top_k}) exceeds search.trials "
                           f"({s.trials})")
+    if pareto and s.reeval is not None:
+        raise ConfigError(f"{where}: search.reeval needs objective.mode: single (it ranks by test loss)")
+    if s.reeval is not None and s.reeval.top_k > s.trials:
+        raise ConfigError(f"{where}: search.reeval.top_k ({s.reeval.top_k}) exceeds search.trials ({s.trials})")
     # The fixed settings must form a valid config with the budget applied.
     cfg.resolve({}, where=f"{where} (fixed settings with the budget applied)")
 

@@ -397,3 +397,55 @@ def test_search_on_ray_pool(tmp_path: Path) -> None:
         assert 0 < t.user_attrs[PS_ATTR] <= WIDTH * 200
     assert any(t.state == TrialState.COMPLETE for t in trials)
     check_mlflow_matches_study(out, trials)
+
+
+def test_reeval_picks_lowest_mean_on_fresh_seeds(tmp_path: Path) -> None:
+    """The top_k trials are retrained on fresh seeds; each recorded loss equals an independent re-training
+    (one network alone, that seed's initial particles and batches); the pick is the lowest mean and is what
+    summary.json and best_config.yaml carry."""
+    from workers.engine import NetworkSpec, Pack, Scheme, derive_seed
+
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, trials=5, parallel=5, space=BD_SPACE, reeval={"top_k": 3, "seeds": 2})
+    assert search(cfg, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rv = summary["reeval"]
+    complete = sorted((t for t in journal_study(out).get_trials() if t.state == TrialState.COMPLETE),
+                      key=lambda t: (t.values[0], t.number))
+    assert [r["number"] for r in rv["trials"]] == [t.number for t in complete[:3]]
+    scfg = cfgmod.load(out / "best_config.yaml")
+    for row in rv["trials"]:
+        assert row["seeds"] == [1, 2]  # fresh: the search itself trained on seed 0
+        t = next(tt for tt in complete if tt.number == row["number"])
+        assert row["single_run"] == pytest.approx(t.values[0])
+        for seed, loss in zip(row["seeds"], row["losses"], strict=True):
+            p = t.params
+            alone = Pack(scfg.task.spec(), scfg.model.spec(), scfg.dynamics.spec(),
+                         [NetworkSpec(0, WIDTH, seed=derive_seed(seed, 0), lr=p["dynamics.lr"],
+                                      bd_rate=p["dynamics.birth_death.rate"],
+                                      bd_scheme=Scheme(p.get("dynamics.birth_death.scheme", "clone")))],
+                         data_seed=seed)
+            want = next(r.final_test_loss for rep in alone.train() for r in rep.retired)
+            assert loss == pytest.approx(want, rel=1e-5)
+        assert row["mean"] == pytest.approx(sum(row["losses"]) / 2)
+    pick = min(rv["trials"], key=lambda r: r["mean"])
+    assert rv["pick"]["number"] == pick["number"] == summary["best"]["number"]
+    assert summary["best"]["value"] == pytest.approx(pick["mean"]) and "fresh seeds" in summary["best"]["value_is"]
+    assert scfg.dynamics.lr == pytest.approx(pick["params"]["dynamics.lr"])
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    reevaluated = client.search_runs([summary["mlflow"]["experiment_id"]],
+                                     filter_string="tags.`optuna.state` = 'REEVALUATED'")
+    assert len(reevaluated) == 6 and all(r.info.status == "FINISHED" for r in reevaluated)
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.data.metrics["reeval.pick_mean"] == pytest.approx(pick["mean"])
+
+
+def test_reeval_rejected_for_pareto_and_large_top_k(tmp_path: Path) -> None:
+    from orchestrator.search_config import load_search
+
+    cfg = write_cfg(tmp_path, trials=4, reeval={"top_k": 5, "seeds": 2})
+    with pytest.raises(cfgmod.ConfigError, match=r"reeval\.top_k"):
+        load_search(cfg)
+    cfg = write_cfg(tmp_path, trials=4, objective={"mode": "pareto"}, reeval={"top_k": 2, "seeds": 2})
+    with pytest.raises(cfgmod.ConfigError, match=r"reeval needs objective\.mode: single"):
+        load_search(cfg)
