@@ -825,19 +825,24 @@ class SearchRun:
         fid = self.cfg.search.fidelity
         assert fid is not None
         top = self._top()
-        lives: list[_Live] = []
-        for t, width in self._fidelity_todo():
-            # Same parameters and training horizon as the trial, only wider (SCIENCE.md section 5).
-            tcfg, _ = self._resolve(t.params)
-            steps = tcfg.dynamics.steps
-            run = self._child(t.number, t.params, width, steps, tcfg, suffix=f"-w{width}")
-            lives.append(_Live(_PROMOTED_BASE + len(lives), t.number, dict(t.params), width, steps, run, cfg=tcfg,
-                               key=self._fidelity_key(width, t.number)))
+        # Same parameters and training horizon as the trial, only wider (SCIENCE.md section 5).
+        lives = [self._stage_live(_PROMOTED_BASE + i, t, width, f"-w{width}", self._fidelity_key(width, t.number))
+                 for i, (t, width) in enumerate(self._fidelity_todo())]
         if not lives:
             return
         self.console.print(f"width fidelity: retraining the best {len(top)} trials at widths "
                            f"{fid.widths[1:]} ({len(lives)} networks)", highlight=False)
         self._run_stage(lives, self._pack(lives, tag="fidelity"), "PROMOTED")
+
+    def _stage_live(self, net_id: int, t: FrozenTrial, width: int | None, suffix: str, key: str,
+                    seed: int | None = None) -> _Live:
+        """An extra stage's network: trial ``t``'s parameters and training horizon (at ``width``, default the
+        trial's), its own MLflow child run, its result stored under the study user attr ``key``."""
+        tcfg, trial_width = self._resolve(t.params)
+        width = trial_width if width is None else width
+        steps = tcfg.dynamics.steps
+        run = self._child(t.number, t.params, width, steps, tcfg, suffix=suffix)
+        return _Live(net_id, t.number, dict(t.params), width, steps, run, cfg=tcfg, seed=seed, key=key)
 
     def _run_stage(self, lives: Sequence[_Live], jobs: list[PackJob], state: str) -> None:
         """Train an extra stage's networks (no pruning); each result goes to the study's user attr
@@ -895,13 +900,9 @@ class SearchRun:
         the data stream), so every trial sees the same fresh draws (a paired comparison)."""
         rv = self.cfg.search.reeval
         assert rv is not None
-        lives: list[_Live] = []
-        for t, j in self._reeval_todo():
-            tcfg, width = self._resolve(t.params)
-            steps = tcfg.dynamics.steps
-            run = self._child(t.number, t.params, width, steps, tcfg, suffix=f"-seed{self._reeval_seed(j)}")
-            lives.append(_Live(_REEVAL_BASE + len(lives), t.number, dict(t.params), width, steps, run, cfg=tcfg,
-                               seed=self._reeval_seed(j), key=self._reeval_key(t.number, j)))
+        lives = [self._stage_live(_REEVAL_BASE + i, t, None, f"-seed{self._reeval_seed(j)}",
+                                  self._reeval_key(t.number, j), seed=self._reeval_seed(j))
+                 for i, (t, j) in enumerate(self._reeval_todo())]
         if not lives:
             return
         self.console.print(f"re-evaluation: retraining the best {rv.top_k} trials on {rv.seeds} fresh seeds "

@@ -267,7 +267,7 @@ class SearchSection(Strict):
     """Width as fidelity (SCIENCE.md section 5): search at a small width, promote the best to larger ones."""
     reeval: ReevalConfig | None = None
     """Retrain the best trials on fresh seeds and pick the lowest mean: one run's final loss is a noisy draw,
-    so the lowest of many draws flatters its configuration (docs/results.md, search section)."""
+    so the lowest of many draws flatters its configuration (docs/search.md)."""
 
     @property
     def pruner_name(self) -> str:
