@@ -2,13 +2,16 @@
 
 This is the only module of the project that imports optuna.
 
-Execution (ask/tell, in rounds): each round asks ``search.parallel`` trials, turns each into a network spec
-(its parameters applied to the base config), packs compatible networks together (same pack key: task, unit,
-dynamics schedule, dtype; per-network lr, parametrization, temperature, birth-death rate/scheme and width
-differ freely inside a pack) and trains the packs on the pool. Every report's test loss reaches
-``trial.report``; a trial the pruner stops leaves its pack (``pool.request_retire``) while its pack-mates go
-on. The particle-steps a trial actually trained (width x steps) are stored as the user attr
-``particle_steps``.
+Execution (asynchronous ask/tell): every worker trains a pack of ``ceil(search.parallel / workers)`` trials;
+each trial's parameters are applied to the base config, compatible networks share a pack (same pack key:
+task, unit, dynamics schedule, dtype; per-network lr, parametrization, temperature, birth-death rate/scheme
+and width differ freely inside a pack). Every report's test loss reaches ``trial.report``; a trial the
+pruner stops leaves its pack (``pool.request_retire``) while its pack-mates go on; a trial is told the moment
+its network retires; and the moment a pack ends (``on_done`` of the pool), its worker gets a pack of new
+trials asked with everything told so far. The particle-steps a trial actually trained (width x steps) are
+stored as the user attr ``particle_steps``. After the trials, optional extra stages retrain the best trials:
+on fresh seeds (``search.reeval``, the pick becomes the lowest mean) and at larger widths
+(``search.fidelity``).
 
 Choices worth knowing:
     * A diverged network (non-finite or huge loss) makes its trial FAIL with the reason in the user attr
@@ -1064,7 +1067,10 @@ class SearchRun:
                        "parent_run_id": self.parent},
             "objective": self.cfg.search.objective.mode,
             "retried": sorted(retried),
-            "particle_steps": int(sum(int(t.user_attrs.get(PS_ATTR, 0)) for t in trials)),
+            # All the training this search did: its trials, plus the fidelity and re-evaluation networks.
+            "particle_steps": int(sum(int(t.user_attrs.get(PS_ATTR, 0)) for t in trials)) + int(sum(
+                int(v.get(PS_ATTR, 0)) for k, v in self.study.user_attrs.items()
+                if k.startswith((FIDELITY_PREFIX, REEVAL_PREFIX)) and isinstance(v, dict))),
             "storage": self.storage_desc,
         }
         if not self.single:

@@ -449,3 +449,12 @@ def test_reeval_rejected_for_pareto_and_large_top_k(tmp_path: Path) -> None:
     cfg = write_cfg(tmp_path, trials=4, objective={"mode": "pareto"}, reeval={"top_k": 2, "seeds": 2})
     with pytest.raises(cfgmod.ConfigError, match=r"reeval needs objective\.mode: single"):
         load_search(cfg)
+
+
+def test_summary_particle_steps_count_extra_stages(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, trials=3, parallel=3, reeval={"top_k": 2, "seeds": 2})
+    assert search(cfg, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    trials = sum(t.user_attrs[PS_ATTR] for t in journal_study(out).get_trials())
+    assert summary["particle_steps"] == trials + 2 * 2 * WIDTH * STEPS  # no pruner: every network ran STEPS
