@@ -334,7 +334,6 @@ class SearchRun:
         self._told: list[int] = []
         """Trials told since the last MLflow flush (their runs' ends are flushed per finished pack)."""
         self._told_now = 0
-        self._per_pack = max(1, cfg.search.parallel)
         self._hb_stop = threading.Event()
         self._state = {"search_key": self.search_key, "study": self.study_name, "storage": self.storage_url,
                        "tracking_uri": self.tracking_uri, "name": cfg.name}
@@ -443,7 +442,6 @@ class SearchRun:
         """Asynchronous ask/tell: every worker starts with a pack of trials; the moment a pack ends, its
         worker gets a pack of new trials, asked with everything told so far (no round waits for its slowest
         pack, and the sampler sees each result as soon as it exists)."""
-        self._per_pack = max(1, math.ceil(self.cfg.search.parallel / self.pool.n_workers))
         self._done_before, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
         self._told_now = 0
         while True:
@@ -463,13 +461,15 @@ class SearchRun:
             self._settle()
 
     def _next_jobs(self, target: int) -> list[PackJob]:
-        """Packs for up to ``_per_pack`` new trials (none once the budget is asked for). Trials that cannot
-        run (an invalid combination, too wide for a worker) are told FAIL at once and replaced."""
+        """Packs for one worker's share of ``search.parallel`` new trials (none once the budget is asked for).
+        Trials that cannot run (an invalid combination, too wide for a worker) are told FAIL at once and
+        replaced."""
         while True:
             self._recover()
             done, running, _ = _budget_counts(self.study.get_trials(deepcopy=False))
             # RUNNING trials include ours in flight and those of other live drivers sharing the study.
-            n = min(self._per_pack, target - done - running)
+            per_pack = max(1, math.ceil(self.cfg.search.parallel / self.pool.n_workers))
+            n = min(per_pack, target - done - running)
             if n <= 0:
                 return []
             lives = [self._start_trial(self._ask()) for _ in range(n)]

@@ -45,12 +45,18 @@ def probabilities(beta: Tensor, alpha: Tensor, dt: Tensor, every: int, per_time:
     return rate.clamp(max=1.0)
 
 
+def _draw(potential: Tensor, prob_fn_args: tuple[Tensor, Tensor, int, bool], u: Tensor) -> tuple[Tensor, Tensor]:
+    """(beta, event): mean-subtracted potentials and which particles the uniforms u (S, n) select."""
+    alpha, dt, every, per_time = prob_fn_args
+    beta = potential - potential.mean(dim=1, keepdim=True)
+    return beta, u < probabilities(beta, alpha, dt, every, per_time)
+
+
 def events(potential: Tensor, prob_fn_args: tuple[Tensor, Tensor, int, bool], u: Tensor) -> Tensor:
     """(S, n) bool: particles that die or clone at this application, given its first uniforms u (S, n)
     (the same draw as in :func:`resample`; a cheap test that an application moves nothing)."""
-    alpha, dt, every, per_time = prob_fn_args
-    beta = potential - potential.mean(dim=1, keepdim=True)
-    return (u < probabilities(beta, alpha, dt, every, per_time)) & (beta != 0)
+    beta, event = _draw(potential, prob_fn_args, u)
+    return event & (beta != 0)
 
 
 def resample(potential: Tensor, prob_fn_args: tuple[Tensor, Tensor, int, bool], uniforms: Tensor,
@@ -61,11 +67,8 @@ def resample(potential: Tensor, prob_fn_args: tuple[Tensor, Tensor, int, bool], 
     uniforms: (S, 4, n) in [0, 1) drawn from each network's own stream; prior: (S,) bool, scheme ``prior``.
     """
     s, n = potential.shape
-    alpha, dt, every, per_time = prob_fn_args
-    beta = potential - potential.mean(dim=1, keepdim=True)
-    p = probabilities(beta, alpha, dt, every, per_time)
     u, key_t, key_c, pick = uniforms.unbind(1)  # each (S, n)
-    event = u < p
+    beta, event = _draw(potential, prob_fn_args, u)
     kill = event & (beta > 0)
     clone = event & (beta < 0)
 
