@@ -95,18 +95,25 @@ class InitConfig(Strict):
     """None = automatic (1/sqrt(E|x|^2) for ridge units, the input spread for gaussian units)."""
     low: float = -2.0
     high: float = 2.0
+    c_law: Literal["normal", "uniform"] = "normal"
+    """Law of the output weights c: normal N(c_mean, c_std^2) | uniform U[c_low, c_high]."""
     c_mean: float = 0.0
     c_std: float = Field(1.0, ge=0)
+    c_low: float = -1.0
+    c_high: float = 1.0
     bias_std: float = Field(0.0, ge=0)
 
     def spec(self) -> InitSpec:
         return InitSpec(z=self.z, loc=self.loc, scale=self.scale, low=self.low, high=self.high,
-                        c_mean=self.c_mean, c_std=self.c_std, bias_std=self.bias_std)
+                        c_law=self.c_law, c_mean=self.c_mean, c_std=self.c_std, c_low=self.c_low,
+                        c_high=self.c_high, bias_std=self.bias_std)
 
     @model_validator(mode="after")
     def _bounds(self) -> InitConfig:
         if self.low >= self.high:
             raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.c_low >= self.c_high:
+            raise ValueError(f"c_low ({self.c_low}) must be < c_high ({self.c_high})")
         return self
 
 

@@ -26,7 +26,7 @@ PAPERS = sorted((ROOT / "configs" / "papers").glob("*.yaml"))
 def test_there_are_paper_configs() -> None:
     names = {p.stem for p in PAPERS}
     assert {"bd_closed_form", "bd_closed_form_badinit", "bd_teacher", "bd_teacher_fullbatch", "spin3_width",
-            "mf_vs_ntk_teacher", "bd_width_closed_form", "bd_width_teacher"} <= names
+            "mf_vs_ntk_teacher", "bd_width_closed_form", "bd_width_teacher", "bd_teacher_notebook"} <= names
 
 
 @pytest.mark.parametrize("path", PAPERS, ids=[p.stem for p in PAPERS])

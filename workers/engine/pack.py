@@ -173,7 +173,10 @@ def init_particles(
     b = None
     if model.unit.is_ridge and model.bias:
         b = init.bias_std * torch.randn(n, generator=gen, device=dev, dtype=dt)
-    c = init.c_mean + init.c_std * torch.randn(n, k, generator=gen, device=dev, dtype=dt)
+    if init.c_law == "uniform":
+        c = init.c_low + (init.c_high - init.c_low) * torch.rand(n, k, generator=gen, device=dev, dtype=dt)
+    else:
+        c = init.c_mean + init.c_std * torch.randn(n, k, generator=gen, device=dev, dtype=dt)
     return z, b, c
 
 

@@ -171,12 +171,19 @@ class InitSpec:
     """None = automatic: 1/sqrt(E|x|^2) for ridge units, the task's input std for Gaussian units."""
     low: float = -2.0
     high: float = 2.0
+    c_law: str = "normal"
+    """Law of the output weights c: ``normal``: N(c_mean, c_std^2); ``uniform``: U[c_low, c_high]."""
     c_mean: float = 0.0
     c_std: float = 1.0
+    c_low: float = -1.0
+    c_high: float = 1.0
     bias_std: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.z in ("normal", "uniform"), f"model.init.z must be 'normal' or 'uniform', got {self.z!r}")
+        _require(self.c_law in ("normal", "uniform"),
+                 f"model.init.c_law must be 'normal' or 'uniform', got {self.c_law!r}")
+        _require(self.c_low < self.c_high, f"model.init.c_low ({self.c_low}) must be < c_high ({self.c_high})")
         _require(self.scale is None or self.scale >= 0, f"model.init.scale must be >= 0, got {self.scale}")
         _require(self.low < self.high, f"model.init.low ({self.low}) must be < high ({self.high})")
         _require(self.c_std >= 0 and self.bias_std >= 0, "model.init.c_std and bias_std must be >= 0")
