@@ -45,6 +45,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ("sweep: {variants: [{name: a, set: {dynamics.lr: 0}}]}\n", [], "sweep.variants[0] (a): dynamics.lr"),
         ("sweep: {variants: [{name: a}, {name: a}]}\n", [], "variant names must be unique"),
         ("dynamics: {steps: 10, birth_death: {quench: 20}}\n", [], "exceeds steps"),
+        ("model: {init: {c_law: laplace}}\n", [], "model.init.c_law"),
+        ("model: {init: {c_law: uniform, c_low: 1, c_high: -1}}\n", [], "model.init: c_low (1.0) must be < c_high"),
     ],
 )
 def test_bad_input_one_line(tmp_path: Path, yaml_text: str, overrides: list[str], needle: str) -> None:
