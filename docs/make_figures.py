@@ -55,6 +55,10 @@ class Experiment:
     command_extra: str = ""
     variants: Sequence[str] = field(default_factory=tuple)
     """Variant order in figures (default: the summary's order)."""
+    at_steps: Sequence[int] = ()
+    """Tabulate the test loss at these steps, and its ratio to the baseline's on the same replicate."""
+    log_steps: bool = False
+    """Log-scale step axis in the curves figure."""
 
 
 EXPERIMENTS = [
@@ -68,6 +72,8 @@ EXPERIMENTS = [
                (1.5e-2, 1e-2, 5e-3, 3e-3, 2e-3, 1e-3), config="configs/papers/bd_teacher.yaml",
                command_extra=" --set dynamics.steps=100000 --set dynamics.birth_death.quench=30000"
                              " --set dynamics.eval_every=500"),
+    Experiment("bd_teacher_notebook", "Example B in the authors' notebook setting (dt = 0.04, per-step rates)", "sgd",
+               (2e-2, 1e-2, 5e-3, 3e-3, 2e-3, 1.5e-3), at_steps=(3000, 30000, 100000), log_steps=True),
     Experiment("bd_teacher_fullbatch", "Example B's problem with full-batch GD on a fixed training set", "gd",
                (2e-2, 1.5e-2, 1.2e-2, 1e-2, 8e-3), train_loss=True),
     Experiment("spin3_width", "3-spin energy on S^3: error vs width, ReLU / Gaussian units, SGD / GD",
@@ -176,7 +182,7 @@ def plot_energy_curves(run: Run, exp: Experiment, variants: list[str], widths: l
             if (v, w) not in run.curves:
                 continue
             steps, gm, lo, hi = mean_curve(run.curves[(v, w)])
-            ok = np.isfinite(gm) & (gm > 0)
+            ok = np.isfinite(gm) & (gm > 0) & ((steps > 0) if exp.log_steps else True)
             ax.plot(steps[ok], gm[ok], color=f"C{i}", lw=1.4, label=v)
             ax.fill_between(steps[ok], np.maximum(lo[ok], 1e-300), hi[ok], color=f"C{i}", alpha=0.15, lw=0)
         quench = run.config["dynamics"]["birth_death"]["quench"]
@@ -186,6 +192,8 @@ def plot_energy_curves(run: Run, exp: Experiment, variants: list[str], widths: l
         for t in exp.targets:
             ax.axhline(t, color="0.85", lw=0.6, zorder=0)
         ax.set_yscale("log")
+        if exp.log_steps:
+            ax.set_xscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("test loss" + (" (= exact energy)" if run.config["task"]["kind"] == "gaussian_mixture"
                                      else ""))
@@ -353,6 +361,9 @@ def render(exp: Experiment, run: Run, fig_dir: Path) -> str:
         rows.append(row)
     parts.append("Final test loss, geometric mean over seeds (min..max):\n\n" + table(header, rows) + "\n")
 
+    if exp.at_steps:
+        parts.append(at_steps_tables(exp, run, variants, widths))
+
     if exp.train_loss and run.train_final:
         rows = []
         for v in variants:
@@ -426,6 +437,47 @@ def render(exp: Experiment, run: Run, fig_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def at_steps_tables(exp: Experiment, run: Run, variants: list[str], widths: list[int]) -> str:
+    """Test loss at exp.at_steps (seed geometric mean, min..max) and the paired ratio to the baseline: replicate
+    r of every variant starts from the same particles and sees the same batches, so variant_r / baseline_r
+    removes the replicate-to-replicate spread."""
+    head = ["variant", "n"] + [f"step {s}" for s in exp.at_steps]
+    loss_rows, ratio_rows = [], []
+    for w in widths:
+        base = run.curves.get((exp.baseline, w), {})
+        for v in variants:
+            reps = run.curves.get((v, w))
+            if not reps:
+                continue
+            row, ratio = [f"`{v}`", str(w)], [f"`{v}`", str(w)]
+            for s in exp.at_steps:
+                vals = [c[s] for c in reps.values() if s in c]
+                row.append(f"{fmt(geo_mean(vals))} ({fmt(min(vals), 2)}..{fmt(max(vals), 2)})" if vals else "-")
+                rs = [c[s] / base[r][s] for r, c in reps.items() if s in c and s in base.get(r, {})]
+                ratio.append(f"{geo_mean(rs):.2f} ({min(rs):.2f}..{max(rs):.2f})" if rs else "-")
+            loss_rows.append(row)
+            if v != exp.baseline:
+                ratio_rows.append(ratio)
+    return ("Test loss at selected steps, 1/2 E|f_n - f|^2 (mfsweep's convention; the notebook's MSE is twice "
+            "this), geometric mean over seeds (min..max):\n\n" + table(head, loss_rows) + "\n\n"
+            f"Paired ratio to `{exp.baseline}` (replicate r of both: same initial particles, same batches), "
+            "geometric mean over seeds (min..max); > 1 = worse than the baseline:\n\n"
+            + table(head, ratio_rows) + "\n")
+
+
+def merge_wall_times(text: str, walls: dict[str, float]) -> dict[str, float]:
+    """The wall times of the last full regeneration, updated with this one's (a run regenerated alone with
+    --only keeps the other rows), in EXPERIMENTS order."""
+    old: dict[str, float] = {}
+    block = re.search(r"<!-- generated:wall_times -->\n(.*?)<!-- /generated:wall_times -->", text, re.S)
+    if block:
+        for name, secs in re.findall(r"^\| `([^`]+)` \| ([0-9.]+) \|$", block.group(1), re.M):
+            old[name] = float(secs)
+    old.update(walls)
+    order = [e.name for e in EXPERIMENTS]
+    return {k: old[k] for k in sorted(old, key=lambda k: order.index(k) if k in order else len(order))}
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)", re.S)
     if not pat.search(text):
@@ -458,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = replace_block(text, exp.name, render(exp, run, fig_dir))
         print(f"{exp.name}: done", file=sys.stderr)
     if walls and "<!-- generated:wall_times -->" in text:
+        walls = merge_wall_times(text, walls)
         rows = [[f"`{k}`", f"{v:.0f}"] for k, v in walls.items()]
         rows.append(["**total**", f"**{sum(walls.values()):.0f}**"])
         text = replace_block(text, "wall_times", "Sweep wall times (MLflow parent runs, seconds):\n\n"
