@@ -56,7 +56,8 @@ def _activate(x, z, b, zsq, xsq, gauss_scale, gauss_log_norm, UNIT: tl.constexpr
     return 1.0 / (1.0 + tl.exp(-pre))
 
 
-@triton.jit
+# Sizes that vary by group and batch are not specialized on (fewer builds); d and k are (aligned loads).
+@triton.jit(do_not_specialize=["P", "N", "n_per_split"])
 def _forward_kernel(x_ptr, z_ptr, b_ptr, c_ptr, out_ptr, consts_ptr, P, N, D, K, n_per_split,
                     UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALAR_OUT: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -103,7 +104,7 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr, c_ptr, out_ptr, consts_ptr, P, N, D, K,
         tl.store(base + offs_p[:, None] * K + offs_k[None, :], acc, mask=p_mask[:, None] & (offs_k[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "N", "n_splits"])
 def _backward_kernel(x_ptr, y_ptr, part_ptr, z_ptr, b_ptr, c_ptr, scale_ptr, move_ptr, pot_ptr, loss_ptr,
                      consts_ptr, P, N, D, K, n_splits,
                      UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALAR_OUT: tl.constexpr,
