@@ -190,7 +190,7 @@ def test_small_tiles_and_forward_splits(monkeypatch: pytest.MonkeyPatch, out_dim
     monkeypatch.setattr(fused, "choose_tiles", lambda *a: fused.Tiles(16, 16, 16, 16, splits=3))
     task = _teacher(dim=6, out_dim=out_dim)
     model = ModelSpec(unit=Unit.SIGMOID, init=InitSpec(bias_std=0.3))
-    dyn = DynamicsSpec(algorithm=Algorithm.SGD, steps=4, batch_size=24, eval_every=2)
+    dyn = DynamicsSpec(algorithm=Algorithm.SGD, steps=3, batch_size=24, eval_every=3)
     nets = [NetworkSpec(1, 37, seed=1, lr=0.1), NetworkSpec(2, 37, seed=2, lr=0.1, parametrization=NTK),
             NetworkSpec(3, 5, seed=3, lr=0.2)]
     tri, ref = _pair(task, model, dyn, nets)
@@ -254,7 +254,7 @@ def test_float32_close_to_torch_path(precision: str) -> None:
     task = _teacher()
     model = ModelSpec(unit=Unit.RELU, init=InitSpec(bias_std=0.5))
     dyn = DynamicsSpec(algorithm=Algorithm.SGD, steps=STEPS, batch_size=16, eval_every=3)
-    tri, ref = _pair(task, model, dyn, _nets(), dtype=torch.float32, precision=precision)
+    tri, ref = _pair(task, model, dyn, _nets()[1:4], dtype=torch.float32, precision=precision)
     _assert_reports(_reports(tri), _reports(ref), rtol=1e-5 if precision == "ieee" else 1e-2)
 
 
