@@ -14,7 +14,8 @@ y (P, k) the torch path materializes the (P, S*n) activation and its masks; here
   so the update in place is race-free.
 
 Both passes compute what ``Pack._sampled_step`` computes, in the same order of operations up to the order
-of the sums. float32 dots use ``input_precision="ieee"`` (exact FP32 FMAs) unless tf32 is asked for.
+of the sums. float32 dots use ``input_precision="ieee"`` (exact FP32 FMAs) unless tf32 is asked for; every
+dot names its ``out_dtype`` (Triton 3.6 defaults it to float32, which a float64 accumulator rejects).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ UNIT_CODES = {"relu": RELU, "tanh": TANH, "sigmoid": SIGMOID, "gaussian": GAUSSI
 def _activate(x, z, b, zsq, xsq, gauss_scale, gauss_log_norm, UNIT: tl.constexpr, HAS_BIAS: tl.constexpr,
               PRECISION: tl.constexpr):
     """phi(x_p; z_i) of a (P tile, particle block); x (BP, BD), z (BN, BD) -> (BP, BN)."""
-    dot = tl.dot(x, tl.trans(z), input_precision=PRECISION)
+    dot = tl.dot(x, tl.trans(z), input_precision=PRECISION, out_dtype=x.dtype)
     if UNIT == 3:
         # -|x - z|^2 / (2 s^2) + log normaliser, as (2 x.z - |z|^2 - |x|^2) * 0.5 / s^2 (as the torch path)
         out = tl.exp((2.0 * dot - zsq[None, :] - xsq[:, None]) * gauss_scale + gauss_log_norm)
@@ -76,14 +77,14 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr, c_ptr, out_ptr, consts_ptr, P, N, D, K,
     x = tl.load(x_ptr + offs_p[:, None] * D + offs_d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
     xsq = tl.sum(x * x, 1)
     zero_row = tl.zeros((BLOCK_N,), dtype=x.dtype)
+    # This split's particles: [n_lo, n_lo + n_per_split) (a multiple of BLOCK_N), masked at N.
     n_lo = split * n_per_split
-    n_hi = tl.minimum(N, n_lo + n_per_split)
     # k = 1: an elementwise (P, particles) accumulator reduced once after the loop; k > 1: a dot into (P, k).
     acc = tl.zeros((BLOCK_P, BLOCK_N if SCALAR_OUT else BLOCK_K), dtype=x.dtype)
     offs_k = tl.arange(0, BLOCK_K)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
+    for n0 in range(n_lo, n_lo + n_per_split, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_hi
+        n_mask = offs_n < N
         rows = s * N + offs_n
         z = tl.load(z_ptr + rows[:, None] * D + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         b = zero_row
@@ -98,7 +99,7 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr, c_ptr, out_ptr, consts_ptr, P, N, D, K,
         else:
             c = tl.load(c_ptr + rows[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K),
                         other=0.0)
-            acc = tl.dot(phi, c, acc, input_precision=PRECISION)
+            acc = tl.dot(phi, c, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     base = out_ptr + (split * tl.num_programs(1) + s) * P * K
     if SCALAR_OUT:
         tl.store(base + offs_p, tl.sum(acc, 1), mask=p_mask)
@@ -170,8 +171,8 @@ def _backward_kernel(x_ptr, y_ptr, part_ptr, z_ptr, b_ptr, c_ptr, scale_ptr, mov
             gh = r[:, None] * c[None, :]
         else:
             r2 = err2 / P
-            hr_acc = tl.dot(tl.trans(phi), r2, hr_acc, input_precision=PRECISION)
-            gh = tl.dot(r2, tl.trans(c), input_precision=PRECISION)
+            hr_acc = tl.dot(tl.trans(phi), r2, hr_acc, input_precision=PRECISION, out_dtype=hr_acc.dtype)
+            gh = tl.dot(r2, tl.trans(c), input_precision=PRECISION, out_dtype=z.dtype)
         # Through the unit: d phi / d pre, written in terms of phi as the torch path does.
         if UNIT == 0:
             gh = tl.where(phi > 0.0, gh, 0.0)
@@ -183,7 +184,7 @@ def _backward_kernel(x_ptr, y_ptr, part_ptr, z_ptr, b_ptr, c_ptr, scale_ptr, mov
             gh = gh * phi
         gh = tl.where(p_mask[:, None], gh, 0.0)
         gsum_acc += gh
-        gz = tl.dot(tl.trans(gh), x, gz, input_precision=PRECISION)
+        gz = tl.dot(tl.trans(gh), x, gz, input_precision=PRECISION, out_dtype=gz.dtype)
     gsum = tl.sum(gsum_acc, 0)
     if SCALAR_OUT:
         hr = tl.sum(hr_acc, 0)
