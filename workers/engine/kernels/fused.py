@@ -325,5 +325,7 @@ def _check(z: Tensor, b: Tensor | None, c: Tensor, x: Tensor) -> None:
     # The kernels index raw storage: the group's tensors must be dense (the engine keeps them so).
     if not (z.is_contiguous() and c.is_contiguous() and (b is None or b.is_contiguous())):
         raise ValueError("fused kernels need contiguous particle tensors")
+    if max(z.numel(), c.numel(), x.numel()) >= 2**31:
+        raise KernelUnavailable("a group or batch of 2^31 or more elements exceeds the kernels' 32-bit offsets")
     if x.dtype != z.dtype:
         raise ValueError(f"batch dtype {x.dtype} differs from the particles' {z.dtype}")
