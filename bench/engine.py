@@ -2,17 +2,22 @@
 
     python bench/engine.py --device cpu            # widths 16..2048 x 4 seeds, d 16, batch 256, 300 steps
     python bench/engine.py --device cuda           # widths 16..16384 x 8 seeds, d 16, batch 2048, 200 steps
+    python bench/engine.py --device cuda --kernel torch     # the packed engine without the fused kernels
 
-Needs torch alone (plus this repository on the path). The last line printed is one JSON object:
-loop_s, packed_s, speedup, useful_tflops (6 P N d per step over packed time), peak_mem_bytes (CUDA: the
-packed run's max allocated; CPU: the engine's own estimate), max_rel_diff (final test loss by width, packed
-vs loop, seed-averaged).
+Needs torch alone (and triton for --kernel triton; plus this repository on the path). The last line printed
+is one JSON object: loop_s, packed_s, speedup, useful_tflops (6 P N d per step over packed time),
+fp32_peak_tflops (a large FP32 matmul, TF32 off, timed on the same device in the same run), pct_fp32_peak
+(useful over that peak, in percent), kernel (what the packed engine ran), peak_mem_bytes (CUDA: the packed
+run's max allocated; CPU: the engine's own estimate), max_rel_diff (final test loss by width, packed vs
+loop, seed-averaged).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -84,17 +89,46 @@ def run_loop(task_spec: TaskSpec, model: ModelSpec, dyn: DynamicsSpec, nets: lis
 
 
 def run_packed(task_spec: TaskSpec, model: ModelSpec, dyn: DynamicsSpec, nets: list[NetworkSpec],
-               device: torch.device) -> tuple[float, dict[int, float]]:
+               device: torch.device, kernel: str = "auto", precision: str = "ieee"
+               ) -> tuple[float, dict[int, float], str]:
     sync(device)
     t0 = time.perf_counter()
-    pack = Pack(task_spec, model, dyn, nets, device=device)
+    pack = Pack(task_spec, model, dyn, nets, device=device, kernel=kernel, precision=precision)
     final: dict[int, float] = {}
     for rep in pack.train():
         for r in rep.retired:
             if r.final_test_loss is not None:
                 final[r.net_id] = r.final_test_loss
     sync(device)
-    return time.perf_counter() - t0, final
+    return time.perf_counter() - t0, final, pack.kernel
+
+
+def triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def fp32_peak_tflops(device: torch.device) -> float:
+    """FP32 matmul throughput of this device now (TF32 off): the best of a few square GEMMs."""
+    size = 8192 if device.type == "cuda" else 1024
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(size, size, device=device)
+        b = torch.randn(size, size, device=device)
+        torch.mm(a, b)
+        best = math.inf
+        for _ in range(5):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    return 2.0 * size**3 / best / 1e12
 
 
 def main() -> None:
@@ -107,6 +141,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--skip-loop", action="store_true", help="time the packed engine only")
+    ap.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"],
+                    help="the packed engine's sampled-loss steps (auto: triton on CUDA when importable)")
+    ap.add_argument("--precision", default="ieee", choices=["ieee", "tf32"], help="triton float32 dots")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -123,16 +160,19 @@ def main() -> None:
 
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    # Warm-up (allocator, kernels) on a short run so neither side pays first-call costs.
+    # Warm-up (allocator, kernel compilation) on a short run of every network (the Triton kernels are built
+    # per shape class) so neither side pays first-call costs.
     warm = DynamicsSpec(steps=3, batch_size=batch, eval_every=3)
-    run_packed(task, model, warm, nets[: len(widths)], device)
+    run_packed(task, model, warm, nets, device, args.kernel, args.precision)
     run_loop(task, model, warm, nets[:2], device)
     if gpu:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    packed_s, packed = run_packed(task, model, dyn, nets, device)
+    packed_s, packed, kernel = run_packed(task, model, dyn, nets, device, args.kernel, args.precision)
     peak = (torch.cuda.max_memory_allocated() if gpu
             else estimate_pack_bytes([sp.width for sp in nets], batch=batch, dim=args.dim))
     loop_s, loop = (float("nan"), {}) if args.skip_loop else run_loop(task, model, dyn, nets, device)
+    peak_tflops = fp32_peak_tflops(device)
 
     n_total = sum(sp.width for sp in nets)
     flops = 6.0 * batch * n_total * args.dim * steps
@@ -152,11 +192,14 @@ def main() -> None:
         print(f"{w:>7} {row['packed']:>12.5g} {row.get('loop', float('nan')):>12.5g}")
     out = {
         "device": torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()} threads",
-        "torch": torch.__version__,
+        "torch": torch.__version__, "triton": triton_version(),
         "widths": widths, "seeds": seeds, "dim": args.dim, "batch": batch, "steps": steps,
         "loop_s": round(loop_s, 4), "packed_s": round(packed_s, 4),
         "speedup": round(loop_s / packed_s, 3),
         "useful_tflops": round(flops / packed_s / 1e12, 5),
+        "fp32_peak_tflops": round(peak_tflops, 4),
+        "pct_fp32_peak": round(100.0 * flops / packed_s / 1e12 / peak_tflops, 3),
+        "kernel": kernel, "precision": args.precision if kernel == "triton" else None,
         "peak_mem_bytes": int(peak),
         "max_rel_diff": max_rel if loop else None,
     }

@@ -226,6 +226,11 @@ class ExecutionConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda where the workers see a GPU, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"
+    kernel: Literal["auto", "torch", "triton"] = "auto"
+    """Sampled-loss steps: auto (fused Triton kernels on CUDA when triton imports, else torch) | torch |
+    triton (CUDA only)."""
+    precision: Literal["ieee", "tf32"] = "ieee"
+    """Triton float32 dots: ieee (exact FP32) | tf32 (tensor cores: faster, inputs rounded to 10-bit mantissas)."""
     workers: int | None = Field(None, ge=1)
     """Number of actors; None = one per GPU, or one per 'cpus_per_worker' CPUs."""
     cpus_per_worker: int = Field(1, ge=1)
@@ -236,6 +241,12 @@ class ExecutionConfig(Strict):
     memory_fraction: float = Field(0.5, gt=0, le=1)
     """Share of a worker's device memory one pack may use."""
     max_networks_per_pack: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _kernel_device(self) -> ExecutionConfig:
+        if self.kernel == "triton" and self.device == "cpu":
+            raise ValueError("kernel=triton runs on CUDA only; set execution.kernel=auto or torch, or device=cuda")
+        return self
 
 
 class ScalingConfig(Strict):

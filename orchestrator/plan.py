@@ -134,7 +134,8 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
             jobs.append(PackJob(
                 pack_id=pack_id, task=task_spec, model=model, dynamics=dyn,
                 networks=tuple(sorted((p.spec for p in b), key=lambda s: s.net_id)),
-                data_seed=cfg.sweep.seed, dtype=dtype,
+                data_seed=cfg.sweep.seed, dtype=dtype, kernel=cfg.execution.kernel,
+                precision=cfg.execution.precision,
                 checkpoint=str(checkpoint_dir / f"{pack_id}.pt") if checkpoint_dir else None,
                 checkpoint_every=cfg.execution.checkpoint_every,
             ))
@@ -145,7 +146,8 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
 def save_jobs(jobs: Sequence[PackJob], path: Path) -> None:
     data = [{"pack_id": j.pack_id, "task": to_dict(j.task), "model": to_dict(j.model),
              "dynamics": to_dict(j.dynamics), "networks": [to_dict(n) for n in j.networks],
-             "data_seed": j.data_seed, "dtype": j.dtype, "checkpoint": j.checkpoint,
+             "data_seed": j.data_seed, "dtype": j.dtype, "kernel": j.kernel, "precision": j.precision,
+             "checkpoint": j.checkpoint,
              "checkpoint_every": j.checkpoint_every} for j in jobs]
     path.write_text(json.dumps(data, indent=1))
 
@@ -159,5 +161,6 @@ def load_jobs(path: Path) -> list[PackJob]:
             pack_id=d["pack_id"], task=from_dict(TaskSpec, d["task"]), model=from_dict(ModelSpec, d["model"]),
             dynamics=from_dict(DynamicsSpec, d["dynamics"]),
             networks=tuple(from_dict(NetworkSpec, n) for n in d["networks"]), data_seed=d["data_seed"],
-            dtype=d["dtype"], checkpoint=d["checkpoint"], checkpoint_every=d["checkpoint_every"]))
+            dtype=d["dtype"], kernel=d.get("kernel", "auto"), precision=d.get("precision", "ieee"),
+            checkpoint=d["checkpoint"], checkpoint_every=d["checkpoint_every"]))
     return out

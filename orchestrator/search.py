@@ -633,7 +633,8 @@ class SearchRun:
                     pack_id=f"{self.search_key[:8]}-{tag}-{len(jobs)}", task=task_spec, model=model,
                     dynamics=dyn, networks=specs,
                     data_seed=self.cfg.search.seed if data_seed is None else data_seed,
-                    dtype=c.execution.dtype, checkpoint=None))
+                    dtype=c.execution.dtype, kernel=c.execution.kernel, precision=c.execution.precision,
+                    checkpoint=None))
         jobs.sort(key=lambda j: -j.cost)
         return jobs
 

@@ -70,10 +70,11 @@ class PackRunner:
         t0 = time.perf_counter()
         ck = Path(job.checkpoint) if job.checkpoint else None
         if ck is not None and ck.exists():
-            pack = Pack.load(ck, device=self.device)
+            pack = Pack.load(ck, device=self.device, kernel=job.kernel, precision=job.precision)
         else:
             pack = Pack(job.task, job.model, job.dynamics, job.networks, data_seed=job.data_seed,
-                        device=self.device, dtype=getattr(torch, job.dtype))
+                        device=self.device, dtype=getattr(torch, job.dtype), kernel=job.kernel,
+                        precision=job.precision)
         start = pack.step
         last_saved = start
         # A restarted pack first replays what it reported before its checkpoint: the driver may have died

@@ -18,6 +18,10 @@ class PackJob:
     networks: tuple[NetworkSpec, ...]
     data_seed: int
     dtype: str = "float32"
+    kernel: str = "auto"
+    """auto | torch | triton: which implementation runs the sampled-loss steps (see workers.engine.kernels)."""
+    precision: str = "ieee"
+    """ieee | tf32: float32 dot precision of the Triton kernels."""
     checkpoint: str | None = None
     """Path (shared by all nodes) of this pack's checkpoint file."""
     checkpoint_every: int = 200

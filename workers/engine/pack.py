@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import birth_death
+from . import birth_death, kernels
 from .rng import DATA_STREAM, NETWORK_STREAM, derive_seed, generator
 from .specs import (
     Algorithm,
@@ -255,6 +255,8 @@ class Pack:
         data_seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        kernel: str = "auto",
+        precision: str = "ieee",
     ) -> None:
         if not networks:
             raise ValueError("a pack needs at least one network")
@@ -270,6 +272,10 @@ class Pack:
         check_compatible(self.task, model, dynamics)
         self.exact = uses_exact_energy(self.task, model, dynamics)
         self.data = DataStream(self.task, dynamics, data_seed, self.exact)
+        # Fused Triton kernels for the sampled-loss steps, or None for the torch path (see .kernels).
+        self._fused = None if self.exact else kernels.select(
+            kernel, precision, device=self.device, dtype=dtype, unit=model.unit.value, bias=model.bias,
+            gaussian_var=model.gaussian_var, dim=self.task.dim, out_dim=self.task.out_dim)
         self.step = 0
         self.retired: dict[int, Retired] = {}
         self._pending: list[Retired] = []
@@ -293,6 +299,11 @@ class Pack:
     @property
     def running(self) -> list[int]:
         return [i for g in self.groups for i in g.ids]
+
+    @property
+    def kernel(self) -> str:
+        """What runs the sampled-loss steps now: ``triton`` (fused kernels) or ``torch``."""
+        return "torch" if self._fused is None else "triton"
 
     @property
     def done(self) -> bool:
@@ -350,10 +361,24 @@ class Pack:
         return out * scale.view(1, -1, 1)
 
     def _predict_group(self, g: _Group, x: Tensor) -> Tensor:
+        if self._fused is not None:
+            try:
+                return self._fused.predict(g.z, g.b, g.c, g.out_scale, x)
+            except kernels.KernelUnavailable as exc:
+                self._drop_kernels(exc)
         return self._readout(self._activations(g, x), g.c, g.out_scale).transpose(0, 1)  # (S, P, k)
+
+    def _drop_kernels(self, exc: Exception) -> None:
+        kernels.notice(f"{exc}: this pack runs on the torch path")
+        self._fused = None
 
     def _sampled_step(self, g: _Group, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Hand-derived gradient step on a batch; returns (batch losses (S,), potentials V (S, n))."""
+        if self._fused is not None:
+            try:
+                return self._fused.step(g.z, g.b, g.c, g.out_scale, g.move, x, y)
+            except kernels.KernelUnavailable as exc:
+                self._drop_kernels(exc)
         p = x.shape[0]
         s, n, d = g.z.shape
         h = self._activations(g, x)  # (P, S, n)
@@ -617,8 +642,10 @@ class Pack:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Pack:
-        """Rebuild a pack from :meth:`save`; continuing it equals an uninterrupted run (bit for bit on CPU)."""
+    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu", *, kernel: str = "auto",
+             precision: str = "ieee") -> Pack:
+        """Rebuild a pack from :meth:`save`; continuing it equals an uninterrupted run (bit for bit on CPU with
+        the same ``kernel``)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
@@ -631,6 +658,8 @@ class Pack:
             data_seed=meta["data_seed"],
             device=device,
             dtype=getattr(torch, meta["dtype"]),
+            kernel=kernel,
+            precision=precision,
         )
         pack.load_state_dict(state, meta)
         return pack
