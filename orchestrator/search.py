@@ -63,7 +63,15 @@ from . import runfolder
 from .config import ConfigError, ScalingConfig, dump, load
 from .credentials import PASSWORD_ENV, has_password, redact, storage_password, strip_password
 from .plan import _pack_key, balance
-from .pool import JobFailure, PoolError, WorkersLost, close_in_background, make_pool, open_beside
+from .pool import (
+    JobFailure,
+    PoolError,
+    WorkersLost,
+    close_in_background,
+    is_infrastructure_reason,
+    make_pool,
+    open_beside,
+)
 from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
 from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
 
@@ -320,6 +328,7 @@ class SearchRun:
         """Trials told since the last MLflow flush (their runs' ends are flushed per finished pack)."""
         self._told_now = 0
         self._hb_stop = threading.Event()
+        self._infra_checked = False
         self._state = {"search_key": self.search_key, "study": self.study_name,
                        "storage": strip_password(self.storage_url) if self.storage_url else None,
                        "tracking_uri": strip_password(self.tracking_uri), "name": cfg.name}
@@ -719,6 +728,13 @@ class SearchRun:
                                "(killed or crashed); retried as a new trial")
                 self.console.print(f"trial {t.number} was left running by a dead driver: failed and retried",
                                    highlight=False)
+        if not self._infra_checked:
+            # Earlier versions failed trials whose workers were lost; such a loss is not the trial's result.
+            self._infra_checked = True
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+                if t.user_attrs.get(KEY_ATTR) == self.search_key and \
+                        is_infrastructure_reason(str(t.user_attrs.get(REASON_ATTR, ""))):
+                    self._retry(t, str(t.user_attrs.get(REASON_ATTR)))
 
     def _on_stale(self, study: optuna.Study, t: FrozenTrial) -> None:
         """Heartbeat-stale trial (already FAIL): enqueue its retry once."""
