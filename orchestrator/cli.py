@@ -6,8 +6,9 @@
     mfsweep search CONFIG [--trials N] [--storage URL] [--study NAME] ...
     mfsweep validate CONFIG [--set ...]
 
-Exit codes: 0 done, 2 bad input (one line on stderr naming the key and the fix), 3 a service could not be
-used (Ray, MLflow, Optuna storage), 130 interrupted (resume with ``mfsweep resume DIR``).
+Exit codes: 0 done, 2 bad input (one line on stderr naming the key and the fix; or the output folder is in
+use by another driver), 3 a service could not be used (Ray, MLflow, Optuna storage; or no Ray worker alive for
+``execution.wait_for_workers_s``), 130 interrupted (resume with ``mfsweep resume DIR``).
 """
 
 from __future__ import annotations

@@ -126,12 +126,18 @@ def remove_workers(cluster: object) -> None:
         cluster.remove_node(node, allow_graceful=False)  # type: ignore[attr-defined]
 
 
-def test_nodes_that_join_get_packs(cluster: object, tmp_path: Path) -> None:
+def test_nodes_that_join_get_packs(cluster: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One worker node at the start; two join after the first report: they run packs, and every network
-    finishes once."""
+    finishes once. The autoscaler is asked for the packs' need, up to max_workers (here no autoscaler runs:
+    the requests are recorded where they would go)."""
+    import orchestrator.pool as pool_mod
+
+    asked: list[list[dict]] = []
+    monkeypatch.setattr(pool_mod, "request_resources", lambda bundles: asked.append(bundles))
     add_node(cluster)
     cfg = cfgmod.load(CONFIG, sets("[8,16,32,64]", 4, 1500, 100, 1))
-    pool = RayPool(cluster.address, device="cpu", max_retries=0, wait_for_workers_s=120)  # type: ignore[attr-defined]
+    pool = RayPool(cluster.address, device="cpu", max_retries=0, wait_for_workers_s=120,  # type: ignore[attr-defined]
+                   max_workers=2)
     joined: list[object] = []
     node_of: dict[str, str] = {}
     finished: list[int] = []
@@ -153,10 +159,13 @@ def test_nodes_that_join_get_packs(cluster: object, tmp_path: Path) -> None:
         new = {n.node_id for n in joined}  # type: ignore[attr-defined]
         per_node = {nd: sum(1 for v in node_of.values() if v == nd) for nd in set(node_of.values())}
         assert new <= set(per_node), per_node  # both new nodes ran packs
-        assert pool.n_workers == 3
+        assert pool.n_workers == 3  # max_workers bounds the request, not the workers that join
     finally:
         pool.close()
         remove_workers(cluster)
+    assert asked[0] == [{"CPU": 1.0}] * 2  # 16 packs to run: as many workers as max_workers allows
+    assert all(len(b) <= 2 for b in asked)
+    assert asked[-1] == []  # withdrawn at the end
 
 
 def test_losing_every_node_waits_for_a_new_one(cluster: object, tmp_path: Path) -> None:
