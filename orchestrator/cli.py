@@ -146,7 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         handler = {"scaling": _scaling, "resume": _resume, "validate": _validate, "search": _search}
         if args.command != "validate":
+            from .credentials import has_password, move_password_to_env
             from .localray import reap_dead_drivers
+
+            for flag, storage in (("tracking_uri", False), ("storage", True)):
+                url = getattr(args, flag, None)
+                if url and has_password(url):
+                    console.print(f"[yellow]warning:[/] the password in --{flag.replace('_', '-')} is visible to "
+                                  "every user of this host (process list); pass it in the environment instead "
+                                  "(README, Running on a cluster). It is not stored.", soft_wrap=True,
+                                  highlight=False)
+                    setattr(args, flag, move_password_to_env(url, storage))
 
             reap_dead_drivers(lambda msg: console.print(msg, soft_wrap=True, highlight=False))
         return handler[args.command](args, console)

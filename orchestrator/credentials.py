@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import unquote
 
 PASSWORD_ENV = "MFSWEEP_STORAGE_PASSWORD"
 
@@ -40,4 +41,27 @@ def storage_password() -> str | None:
     return os.environ.get(PASSWORD_ENV) or None
 
 
-__all__ = ["PASSWORD_ENV", "has_password", "redact", "storage_password", "strip_password"]
+def move_password_to_env(url: str, storage: bool) -> str:
+    """A password given in a URL anyway, moved where its client reads it (``MFSWEEP_STORAGE_PASSWORD`` for the
+    Optuna storage; ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` for an MLflow server, libpq's ``PGPASSWORD`` for
+    an MLflow PostgreSQL store), so that nothing downstream ever holds it in a URL it could print or store.
+    Returns the URL without it (unchanged when no client reads a password from the environment)."""
+    m = _USERINFO.search(url)
+    if m is None:
+        return url
+    user, password = unquote(m.group("head").split("://", 1)[1]), unquote(m.group("pw"))
+    scheme = url.split(":", 1)[0].lower()
+    if storage:
+        os.environ[PASSWORD_ENV] = password
+    elif scheme in ("http", "https"):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+        return url.replace(m.group(0), m.group("head").split("://", 1)[0] + "://", 1)  # MLflow sends both
+    elif scheme.startswith("postgres"):
+        os.environ["PGPASSWORD"] = password
+    else:
+        return url  # masked wherever it is printed, stripped wherever it is stored
+    return strip_password(url)
+
+
+__all__ = ["PASSWORD_ENV", "has_password", "move_password_to_env", "redact", "storage_password", "strip_password"]

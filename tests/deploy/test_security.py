@@ -73,7 +73,7 @@ def test_the_storage_password_is_written_nowhere(tmp_path: Path) -> None:
         ]
         for r in runs:
             assert r.returncode == 0, r.stdout + r.stderr
-        assert "visible to every user" in runs[2].stderr and "postgres:***@" in runs[2].stderr
+        assert "visible to every user" in runs[2].stderr
         for out in (a, b):
             state = json.loads((out / "state.json").read_text())
             assert state["storage"] == url  # what resume needs, minus the password
@@ -90,3 +90,33 @@ def test_the_storage_password_is_written_nowhere(tmp_path: Path) -> None:
         assert secret not in p.read_bytes(), f"password found in {p}"
     for r in runs:
         assert password not in r.stdout and password not in r.stderr
+
+
+@pytest.mark.parametrize(("url", "shown", "stored"), [
+    ("postgresql+psycopg://optuna:s3cr%40t@db:5432/optuna", "postgresql+psycopg://optuna:***@db:5432/optuna",
+     "postgresql+psycopg://optuna@db:5432/optuna"),
+    ("postgresql://u:a@b@db/x", "postgresql://u:***@db/x", "postgresql://u@db/x"),  # an unescaped @ in it
+    ("postgresql://db/x?sslmode=require&password=s3", "postgresql://db/x?sslmode=require&password=***",
+     "postgresql://db/x?sslmode=require"),
+    ("postgresql://optuna@db/optuna", "postgresql://optuna@db/optuna", "postgresql://optuna@db/optuna"),
+    ("http://mlflow:5000", "http://mlflow:5000", "http://mlflow:5000"),
+])
+def test_urls_are_shown_masked_and_stored_without_password(url: str, shown: str, stored: str) -> None:
+    from orchestrator.credentials import redact, strip_password
+
+    assert redact(url) == shown
+    assert strip_password(url) == stored
+
+
+def test_a_password_in_a_url_moves_to_where_its_client_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.credentials import move_password_to_env
+
+    for var in (PASSWORD_ENV, "PGPASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    assert move_password_to_env("postgresql://optuna:p%40ss@db/o", storage=True) == "postgresql://optuna@db/o"
+    assert os.environ[PASSWORD_ENV] == "p@ss"
+    assert move_password_to_env("postgresql://mlflow:pw2@db/m", storage=False) == "postgresql://mlflow@db/m"
+    assert os.environ["PGPASSWORD"] == "pw2"
+    assert move_password_to_env("https://bob:pw3@mlflow.example/", storage=False) == "https://mlflow.example/"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "pw3")
+    assert move_password_to_env("http://mlflow:5000", storage=False) == "http://mlflow:5000"
