@@ -431,7 +431,8 @@ class RayPool(Pool):
         while remaining and not stop.is_set():
             now = time.monotonic()
             if now >= next_poll:
-                self._poll(need=len(todo))
+                # With on_idle the caller makes work for any worker that joins (a search asks new trials).
+                self._poll(need=len(todo) + (self.cap or 1 << 20 if on_idle is not None else 0))
                 next_poll = now + self.POLL_S
                 joined = [w for w in self._live() if w not in known and w.job is None]
                 known |= set(self._live())

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from orchestrator.plan import plan_networks, plan_packs
 from orchestrator.pool import RayPool
 from tests.conftest import free_port
 from workers.engine import NetStatus
-from workers.jobs import PackEvent
+from workers.jobs import PackEvent, PackJob
 
 from .support import ROOT
 
@@ -166,6 +167,51 @@ def test_nodes_that_join_get_packs(cluster: object, tmp_path: Path, monkeypatch:
     assert asked[0] == [{"CPU": 1.0}] * 2  # 16 packs to run: as many workers as max_workers allows
     assert all(len(b) <= 2 for b in asked)
     assert asked[-1] == []  # withdrawn at the end
+
+
+def test_workers_that_join_with_nothing_queued_ask_for_work(cluster: object, tmp_path: Path) -> None:
+    """What an asynchronous search relies on: with nothing queued, workers that join call ``on_idle``, and
+    the jobs it returns run on them."""
+    add_node(cluster)
+    cfg = cfgmod.load(CONFIG, sets("[8,16,32]", 1, 3000, 100, 1))
+    pool = RayPool(cluster.address, device="cpu", max_retries=0, wait_for_workers_s=120)  # type: ignore[attr-defined]
+    joined: list[object] = []
+    idle_calls: list[int] = []
+    node_of: dict[str, str] = {}
+    try:
+        nets = plan_networks(cfg)
+        first, *more = plan_packs(cfg, nets, n_workers=3, memory_bytes=pool.memory_bytes,
+                                  checkpoint_dir=tmp_path / "ck")
+        assert len(more) == 2
+        # The first job runs until the extra ones have ended (then it is told to stop, as pruning would).
+        first = replace(first, dynamics=replace(first.dynamics, steps=10**7))
+        extra = {j.pack_id for j in more}
+
+        def on_event(ev: PackEvent) -> None:
+            if not joined:
+                joined.extend(add_node(cluster) for _ in range(2))
+            node_of.setdefault(ev.pack_id, pool.worker_nodes[ev.worker])
+
+        def on_idle(n: int) -> list:
+            idle_calls.append(n)
+            give = more[:n]
+            del more[:n]
+            return give
+
+        def on_done(job: PackJob, failure: object) -> list:
+            extra.discard(job.pack_id)
+            if not extra:
+                pool.request_retire(first.pack_id, first.networks[0].net_id, "pruned", "test: extras done")
+            return []
+
+        assert pool.run([first], on_event, on_done=on_done, on_idle=on_idle) == []
+        assert idle_calls and not more  # asked, and the extra jobs ran
+        new = {n.node_id for n in joined}  # type: ignore[attr-defined]
+        assert sum(1 for nd in node_of.values() if nd in new) >= 1, node_of
+        assert len(node_of) == 3
+    finally:
+        pool.close()
+        remove_workers(cluster)
 
 
 def test_losing_every_node_waits_for_a_new_one(cluster: object, tmp_path: Path) -> None:
