@@ -6,8 +6,9 @@
     mfsweep search CONFIG [--trials N] [--storage URL] [--study NAME] ...
     mfsweep validate CONFIG [--set ...]
 
-Exit codes: 0 done, 2 bad input (one line on stderr naming the key and the fix), 3 a service could not be
-used (Ray, MLflow, Optuna storage), 130 interrupted (resume with ``mfsweep resume DIR``).
+Exit codes: 0 done, 2 bad input (one line on stderr naming the key and the fix; or the output folder is in
+use by another driver), 3 a service could not be used (Ray, MLflow, Optuna storage; or no Ray worker alive for
+``execution.wait_for_workers_s``), 130 interrupted (resume with ``mfsweep resume DIR``).
 """
 
 from __future__ import annotations
@@ -74,27 +75,31 @@ def _direct(args: argparse.Namespace) -> dict[str, object]:
 
 def _scaling(args: argparse.Namespace, console: Console) -> int:
     from . import config as config_mod
+    from . import runfolder
+    from .credentials import redact
     from .scaling import ScalingSweep, default_out
 
     cfg = config_mod.load(args.config or config_mod.QUICKSTART, args.overrides, **_direct(args))
     out = args.out or default_out(cfg)
-    old = out / "config.yaml"
-    if old.exists():
-        previous = config_mod.load(old)
-        if previous != cfg:
-            raise config_mod.ConfigError(
-                f"{out} holds a different sweep; pick a new --out, or continue it with: mfsweep resume {out}")
-        console.print(f"resuming {out}")
-    ScalingSweep(cfg, out, tracking_uri=args.tracking_uri, address=args.address, console=console,
-                 progress=not args.no_progress).run()
+    with runfolder.hold(out, "mfsweep scaling"):  # before anything in the folder is read or written
+        old = out / "config.yaml"
+        if old.exists():
+            previous = config_mod.load(old)
+            if previous != cfg:
+                raise config_mod.ConfigError(f"{out} holds a different sweep; pick a new --out, or continue it "
+                                             f"with: mfsweep resume {out}")
+            console.print(f"resuming {out}")
+        ScalingSweep(cfg, out, tracking_uri=args.tracking_uri, address=args.address, console=console,
+                     progress=not args.no_progress).run()
     browse = (f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"
-              if not args.tracking_uri else f"mlflow ui / {args.tracking_uri}")
+              if not args.tracking_uri else f"mlflow ui / {redact(args.tracking_uri)}")
     console.print(f"done: {out}/summary.json; browse with: {browse}", soft_wrap=True)
     return 0
 
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from . import config as config_mod
+    from . import runfolder
 
     if (args.dir / "search.yaml").exists():
         from .search import resume_search
@@ -106,9 +111,10 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     path = args.dir / "config.yaml"
     if not path.exists():
         raise config_mod.ConfigError(f"{args.dir} is not an mfsweep output folder (no config.yaml)")
-    cfg = config_mod.load(path)
-    ScalingSweep(cfg, args.dir, tracking_uri=args.tracking_uri, address=args.address, console=console,
-                 progress=not args.no_progress).run()
+    with runfolder.hold(args.dir, "mfsweep resume"):
+        cfg = config_mod.load(path)
+        ScalingSweep(cfg, args.dir, tracking_uri=args.tracking_uri, address=args.address, console=console,
+                     progress=not args.no_progress).run()
     return 0
 
 
@@ -139,6 +145,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .scaling import Interrupted
 
         handler = {"scaling": _scaling, "resume": _resume, "validate": _validate, "search": _search}
+        if args.command != "validate":
+            from .credentials import has_password, move_password_to_env
+            from .localray import reap_dead_drivers
+
+            for flag, storage in (("tracking_uri", False), ("storage", True)):
+                url = getattr(args, flag, None)
+                if url and has_password(url):
+                    console.print(f"[yellow]warning:[/] the password in --{flag.replace('_', '-')} is visible to "
+                                  "every user of this host (process list); pass it in the environment instead "
+                                  "(README, Running on a cluster). It is not stored.", soft_wrap=True,
+                                  highlight=False)
+                    setattr(args, flag, move_password_to_env(url, storage))
+
+            reap_dead_drivers(lambda msg: console.print(msg, soft_wrap=True, highlight=False))
         return handler[args.command](args, console)
     except ConfigError as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)

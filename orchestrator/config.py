@@ -232,12 +232,20 @@ class ExecutionConfig(Strict):
     precision: Literal["ieee", "tf32"] = "ieee"
     """Triton float32 dots: ieee (exact FP32) | tf32 (tensor cores: faster, inputs rounded to 10-bit mantissas)."""
     workers: int | None = Field(None, ge=1)
-    """Number of actors; None = one per GPU, or one per 'cpus_per_worker' CPUs."""
+    """Most actors at once; None = one per GPU, or one per 'cpus_per_worker' CPUs, of every node, including
+    nodes that join while the sweep runs."""
+    max_workers: int | None = Field(None, ge=1)
+    """Most workers to ask the Ray autoscaler for (request_resources: one bundle per queued or running pack);
+    None = ask for nothing, use the nodes that are there or join."""
+    wait_for_workers_s: float = Field(3600.0, gt=0)
+    """How long a run waits while no worker is alive (all nodes preempted) before it exits with code 3 and
+    the resume command; nothing is recorded as failed."""
     cpus_per_worker: int = Field(1, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     """Checkpoint each pack every this many steps (rounded up to a report step)."""
     max_retries: int = Field(3, ge=0)
-    """Restarts of a pack whose worker died, before its networks are marked failed."""
+    """Retries of a pack whose own training raised, before its networks are marked failed. A pack whose
+    worker or node is lost always runs again from its checkpoint (no limit)."""
     memory_fraction: float = Field(0.5, gt=0, le=1)
     """Share of a worker's device memory one pack may use."""
     max_networks_per_pack: int = Field(256, ge=1)

@@ -6,7 +6,13 @@
 - ``on_done(job, failure)``, if given, is called in the caller's thread once per job, after its last report
   (``failure`` None when it finished); the jobs it returns join the same run. Asynchronous searches use it
   to ask for new trials the moment a worker frees up, instead of waiting for a whole round.
-- A job whose worker dies is retried (up to ``max_retries``) on another worker from its checkpoint.
+- ``on_idle(n)``, if given, is called in the caller's thread when ``n`` workers joined and nothing is queued
+  for them; the jobs it returns join the run (a search asks for trials for the new workers).
+- ``on_wait(seconds)``, if given, is called while no worker is alive (with the time waited so far), and once
+  with None when workers are back.
+- A job whose worker or node is lost runs again from its checkpoint, however often that happens; a job that
+  raises inside its own training is retried ``max_retries`` times, then reported as failed. Only such own
+  failures are ever returned: losing the workers never fails a job (:class:`WorkersLost` stops the run).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -26,9 +33,12 @@ from typing import Any
 
 import ray
 import ray.exceptions
+from ray.autoscaler.sdk import request_resources
 
 from workers.actor import PackRunner, PackWorker
 from workers.jobs import PackEvent, PackJob, WorkerInfo
+
+from . import localray
 
 log = logging.getLogger(__name__)
 # Ray warns at every start that token authentication is on; it stays on (deploy/README.md, SECURITY).
@@ -45,8 +55,32 @@ class PoolError(RuntimeError):
     """A pool that cannot start (one-line message naming the fix)."""
 
 
+class WorkersLost(PoolError):
+    """No worker was alive for ``execution.wait_for_workers_s``: the run stops, nothing is failed."""
+
+
+# A worker's process or node went away: the pack was not at fault and re-runs from its checkpoint, with no
+# limit (spot preemptions, autoscaler scale-down, node crashes). OutOfMemoryError is not here: Ray's memory
+# monitor kills the worker of a pack too big for its node, and retrying that forever would never end.
+_INFRA_ERRORS: tuple[type[BaseException], ...] = (
+    ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError)
+
+# Previous versions failed networks with these reasons when workers were lost; `mfsweep resume` retries them.
+_INFRA_REASONS = re.compile(r"worker died|no live Ray worker left|no Ray worker for")
+
+
+def is_infrastructure_reason(reason: str) -> bool:
+    """Whether a recorded failure reason names a lost worker rather than the network's own fault."""
+    return bool(_INFRA_REASONS.search(reason))
+
+
 OnDone = Callable[[PackJob, "JobFailure | None"], Sequence[PackJob]]
 """Called once per job after its last report (failure None when it finished); returns more jobs to run."""
+OnIdle = Callable[[int], Sequence[PackJob]]
+"""Called with the number of workers that joined with nothing queued for them; returns jobs for them."""
+OnWait = Callable[["float | None"], None]
+"""Called with the seconds waited while no worker is alive; None once workers are back."""
 
 
 class Pool(ABC):
@@ -65,9 +99,15 @@ class Pool(ABC):
     def device(self) -> str:
         return self.workers[0].device
 
+    @property
+    def plan_workers(self) -> int:
+        """How many workers to plan packs for."""
+        return self.n_workers
+
     @abstractmethod
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
-            stop: threading.Event | None = None, on_done: OnDone | None = None) -> list[JobFailure]: ...
+            stop: threading.Event | None = None, on_done: OnDone | None = None,
+            on_idle: OnIdle | None = None, on_wait: OnWait | None = None) -> list[JobFailure]: ...
 
     @abstractmethod
     def request_retire(self, pack_id: str, net_id: int, status: str = "pruned", reason: str = "pruned") -> None:
@@ -95,7 +135,8 @@ class LocalPool(Pool):
         self.runner.request_retire(pack_id, net_id, status, reason)
 
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
-            stop: threading.Event | None = None, on_done: OnDone | None = None) -> list[JobFailure]:
+            stop: threading.Event | None = None, on_done: OnDone | None = None,
+            on_idle: OnIdle | None = None, on_wait: OnWait | None = None) -> list[JobFailure]:
         failures: list[JobFailure] = []
         todo = collections.deque(jobs)
         while todo:
@@ -121,193 +162,355 @@ class LocalPool(Pool):
 
 @dataclass(frozen=True)
 class _End:
-    """A job's end in the event stream (after its last report)."""
+    """A job's end in the event stream (after its last report); ``failure`` is its own fault, if any."""
 
     job: PackJob
     failure: JobFailure | None
+    worker: _Worker | None = None
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """A job whose worker (process or node) went away: it runs again from its checkpoint."""
+
+    job: PackJob
+    attempt: int
+    worker: _Worker
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Raised:
+    """A job that raised inside its own training: retried up to ``max_retries``, then failed."""
+
+    job: PackJob
+    attempt: int
+    worker: _Worker
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Stopped:
+    worker: _Worker
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One actor: starting (``info`` None until it answered), idle, or running ``job``."""
+
+    handle: ray.actor.ActorHandle
+    probe: ray.ObjectRef
+    since: float
+    info: WorkerInfo | None = None
+    job: PackJob | None = None
 
 
 class RayPool(Pool):
-    """Persistent Ray actors, one per GPU (or per ``cpus_per_worker`` CPUs), reused across packs."""
+    """Persistent Ray actors, one per GPU (or per ``cpus_per_worker`` CPUs), reused across packs, that follow
+    the cluster: actors start on nodes that join (up to ``workers`` when set), a worker lost with its node
+    hands its pack back to the queue, and with no worker alive the run waits for new ones
+    (``wait_for_workers_s``, then :class:`WorkersLost`). ``max_workers`` bounds what the pool asks of the
+    Ray autoscaler (``ray.autoscaler.sdk.request_resources``) for its queued and running packs."""
+
+    STARTUP_S = 120.0
+    """An actor that has not answered by then (no room for it after all) is dropped."""
+    POLL_S = 1.0
+    """How often the driver's loop looks at the cluster's nodes and resources."""
 
     def __init__(self, address: str | None = None, *, device: str = "auto", workers: int | None = None,
-                 cpus_per_worker: int = 1, max_retries: int = 3, runtime_env: dict | None = None) -> None:
+                 max_workers: int | None = None, cpus_per_worker: int = 1, max_retries: int = 3,
+                 wait_for_workers_s: float = 3600.0, runtime_env: dict | None = None) -> None:
         self.max_retries = max_retries
         self.cpus_per_worker = cpus_per_worker
+        self.cap = workers
+        self.max_workers = max_workers
+        self.wait_for_workers_s = wait_for_workers_s
         self._owns_ray = not ray.is_initialized()
+        self.local = False
         if self._owns_ray:
             try:
                 # No address: a fresh local instance (or RAY_ADDRESS, as under `ray job submit`), never a
                 # `ray start` cluster that ray.init would otherwise find in /tmp/ray and silently join.
                 target = address or (None if os.environ.get("RAY_ADDRESS") else "local")
+                self.local = target == "local"
+                if self.local:
+                    localray.reap_dead_drivers(log.warning)
                 # Ray runs workers at nice 15: on a machine shared with any other busy process they got
                 # ~3% of a core (a search ran 12x slower beside one study.optimize). A cluster we start
                 # runs them at the driver's priority.
-                system = {"worker_niceness": 0} if target == "local" else None
+                system = {"worker_niceness": 0} if self.local else None
                 ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False,
                          include_dashboard=False if address is None else None, runtime_env=runtime_env,
                          configure_logging=True, _system_config=system)
+                if self.local:
+                    localray.record_local_ray()
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = address or "a local cluster"
                 raise PoolError(f"cannot connect to Ray at {where}: {err}; check --address (ray://host:10001 "
                                 "or host:6379) or omit it for a local cluster") from None
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
-        cpus = int(res.get("CPU", 1))
-        if device == "cuda" and gpus == 0:
+        if device == "cuda" and gpus == 0 and self.local:
             raise PoolError("execution.device=cuda but the Ray cluster has no GPU; use --device cpu or auto")
-        self.use_gpu = gpus > 0 and device in ("auto", "cuda")
-        n = workers or (gpus if self.use_gpu else max(1, cpus // cpus_per_worker))
+        # On a cluster, device=cuda waits for GPU nodes (the autoscaler may be adding them).
+        self.use_gpu = device == "cuda" or (gpus > 0 and device == "auto")
         self.device_kind = "cuda" if self.use_gpu else "cpu"
-        nodes = max(1, len([nd for nd in ray.nodes() if nd.get("Alive")]))
-        self._slots = max(1, n // nodes)
-        self._actor_id = 0
+        alive = [nd for nd in ray.nodes() if nd.get("Alive")]
+        per_node = max((self._slots_of(nd.get("Resources", {})) for nd in alive), default=1)
+        # Memory a CPU worker plans with: its share of the busiest node's RAM.
+        self._slots = max(1, min(per_node, self.cap or per_node))
+        self._workers: list[_Worker] = []
         self._running: dict[str, ray.actor.ActorHandle] = {}
-        self.actors = [self._new_actor() for _ in range(n)]
-        try:
-            self.workers = ray.get([a.info.remote() for a in self.actors], timeout=120)
-        except ray.exceptions.GetTimeoutError:
-            raise PoolError(f"{n} Ray workers did not start within 120 s; the cluster lacks resources "
-                            f"(asked {'1 GPU' if self.use_gpu else f'{cpus_per_worker} CPU'} each); "
-                            "lower execution.workers") from None
+        self.worker_nodes: dict[str, str] = {}
+        """Every worker this pool ever had (name -> Ray node id): where packs ran."""
+        self._requested: int | None = None
+        self._poll(need=self.cap or 1 << 30)  # a worker in every slot there is now
+        starting = [w.probe for w in self._workers]
+        if starting:  # planning needs them all: wait until they answered (or could not start)
+            ray.wait(starting, num_returns=len(starting), timeout=self.STARTUP_S)
+            self._poll(need=0)
+        if not self._live():
+            self._wait_for_first()
 
+    # ------------------------------------------------------------------ the cluster
+    def _slots_of(self, res: dict[str, float]) -> int:
+        cpu_slots = int(res.get("CPU", 0) // self.cpus_per_worker)
+        return min(int(res.get("GPU", 0)), cpu_slots) if self.use_gpu else cpu_slots
+
+    def _live(self) -> list[_Worker]:
+        return [w for w in self._workers if w.info is not None]
+
+    @property
+    def workers(self) -> list[WorkerInfo]:  # type: ignore[override]
+        return [w.info for w in self._workers if w.info is not None]
+
+    @property
+    def plan_workers(self) -> int:
+        """Workers to plan packs for: twice the workers there are (or may be, up to ``max_workers``) on a
+        cluster, so that nodes joining later find packs still queued; the workers there are on a local
+        cluster, which does not grow."""
+        if self.local:
+            return self.n_workers
+        expected = max(self.n_workers, self.max_workers or 0)
+        return 2 * min(expected, self.cap or expected)
+
+    def _new_actor(self) -> _Worker:
+        opts: dict = {"num_cpus": self.cpus_per_worker, "max_concurrency": 2}
+        if self.use_gpu:
+            opts["num_gpus"] = 1
+        threads = None if self.use_gpu else self.cpus_per_worker
+        handle: Any = PackWorker.options(**opts).remote(self.device_kind, threads, self._slots)
+        return _Worker(handle, handle.info.remote(), time.monotonic())
+
+    def _drop(self, w: _Worker) -> None:
+        if w in self._workers:
+            self._workers.remove(w)
+        with contextlib.suppress(Exception):  # already dead
+            ray.kill(w.handle)
+
+    def _poll(self, need: int) -> None:
+        """Look at the cluster: workers that answered join, workers whose node left are dropped, and new
+        actors start where Ray has room for them, while ``need`` (packs waiting for a worker) exceeds the
+        idle and starting workers."""
+        starting = [w for w in self._workers if w.info is None]
+        if starting:
+            ready, _ = ray.wait([w.probe for w in starting], num_returns=len(starting), timeout=0)
+            done = set(ready)
+            for w in starting:
+                if w.probe in done:
+                    try:
+                        w.info = ray.get(w.probe)
+                        self.worker_nodes[w.info.worker] = w.info.node
+                        if self.local:  # its process too, should this driver be killed
+                            localray.record_local_ray()
+                        log.info("worker %s joined on node %s", w.info.worker, w.info.node[:12])
+                    except Exception as err:  # died before it answered (its node left)
+                        log.warning("a starting worker died: %s", type(err).__name__)
+                        self._drop(w)
+                elif time.monotonic() - w.since > self.STARTUP_S:
+                    self._drop(w)  # its resources went elsewhere; drop the pending placement
+        alive_nodes = {nd["NodeID"] for nd in ray.nodes() if nd.get("Alive")}
+        for w in self._live():
+            if w.info is not None and w.info.node not in alive_nodes and w.job is None:
+                log.warning("worker %s left with its node", w.info.worker)
+                self._drop(w)
+        idle = sum(1 for w in self._workers if w.job is None)
+        room = self._slots_of(ray.available_resources()) - sum(1 for w in self._workers if w.info is None)
+        n_new = min(need - idle, room, (self.cap or 1 << 30) - len(self._workers))
+        for _ in range(max(0, n_new)):
+            self._workers.append(self._new_actor())
+        self._ask_autoscaler(need + sum(1 for w in self._workers if w.job is not None))
+
+    def _ask_autoscaler(self, want: int) -> None:
+        """Ask the autoscaler to fit ``want`` workers (at most ``max_workers``); a no-op without an autoscaler."""
+        if self.max_workers is None or self.local:
+            return
+        n = min(want, self.max_workers, self.cap or want)
+        if n == self._requested:
+            return
+        bundle = {"CPU": float(self.cpus_per_worker), **({"GPU": 1.0} if self.use_gpu else {})}
+        try:
+            request_resources(bundles=[dict(bundle) for _ in range(n)])
+            self._requested = n
+        except Exception as err:  # the request is a hint: never fatal
+            log.warning("could not ask the autoscaler for %d workers: %s", n, err)
+            self._requested = n
+
+    def _wait_for_first(self) -> None:
+        """No worker yet (a cluster scaled to zero, or still starting): wait for one."""
+        t0 = time.monotonic()
+        deadline = t0 + (min(self.wait_for_workers_s, self.STARTUP_S) if self.local else self.wait_for_workers_s)
+        shown = -1.0
+        while not self._live():
+            waited = time.monotonic() - t0
+            if time.monotonic() > deadline:
+                kind = "1 GPU" if self.use_gpu else f"{self.cpus_per_worker} CPU"
+                raise WorkersLost(f"no Ray worker started within {waited:.0f} s (each needs {kind}); add nodes "
+                                  "or GPUs to the cluster, lower execution.cpus_per_worker, or raise "
+                                  "execution.wait_for_workers_s")
+            if waited - shown >= 30:
+                log.warning("waiting for workers (%.0f s)", waited)
+                shown = waited
+            self._poll(need=1)
+            time.sleep(self.POLL_S)  # waiting on the cluster: nothing to wake us earlier
+
+    # ------------------------------------------------------------------ running
     def request_retire(self, pack_id: str, net_id: int, status: str = "pruned", reason: str = "pruned") -> None:
         actor = self._running.get(pack_id)
         if actor is not None:
             actor.request_retire.remote(pack_id, net_id, status, reason)
 
-    def _new_actor(self) -> ray.actor.ActorHandle:
-        self._actor_id += 1
-        opts: dict = {"num_cpus": self.cpus_per_worker, "max_concurrency": 2}
-        if self.use_gpu:
-            opts["num_gpus"] = 1
-        threads = None if self.use_gpu else self.cpus_per_worker
-        return PackWorker.options(**opts).remote(self.device_kind, threads, self._slots)  # type: ignore[return-value]
+    def _serve(self, w: _Worker, job: PackJob, attempt: int, events: queue.Queue[Any],
+               stop: threading.Event) -> None:
+        """Stream one job's reports from worker ``w`` into ``events``, then how it ended."""
+        try:
+            gen: Any = w.handle.train.options(num_returns="streaming").remote(job)
+            for ref in gen:
+                events.put(ray.get(ref))
+                if stop.is_set():
+                    ray.cancel(gen)
+                    events.put(_Stopped(w))
+                    return
+            events.put(_End(job, None, w))
+        except _INFRA_ERRORS as err:
+            events.put(_Lost(job, attempt, w, f"worker died ({type(err).__name__})"))
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if getattr(err, "cause", None) is not None else err
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            events.put(_Raised(job, attempt, w, f"{type(cause).__name__}: {first}"))
+        except Exception as err:  # e.g. OutOfMemoryError: the pack's own doing
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            events.put(_Raised(job, attempt, w, f"{type(err).__name__}: {first}"))
 
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None],
-            stop: threading.Event | None = None, on_done: OnDone | None = None) -> list[JobFailure]:
+            stop: threading.Event | None = None, on_done: OnDone | None = None,
+            on_idle: OnIdle | None = None, on_wait: OnWait | None = None) -> list[JobFailure]:
         stop = stop or threading.Event()
         if not jobs:
             return []
-        todo: queue.Queue[tuple[PackJob, int]] = queue.Queue()
-        for job in jobs:
-            todo.put((job, 0))
-        # Reports and job ends, in order per serving thread (so a job's end follows its last report).
-        events: queue.Queue[PackEvent | _End] = queue.Queue()
-        finished = threading.Event()  # no job left: the serving threads return
-
-        def serve(slot: int) -> None:
-            actor = self.actors[slot]
-            while not (stop.is_set() or finished.is_set()):
-                try:
-                    job, attempt = todo.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                self._running[job.pack_id] = actor
-                try:
-                    gen: Any = actor.train.options(num_returns="streaming").remote(job)
-                    for ref in gen:
-                        events.put(ray.get(ref))
-                        if stop.is_set():
-                            ray.cancel(gen)
-                            return
-                    events.put(_End(job, None))
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                        ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                        ray.exceptions.ObjectLostError) as err:
-                    reason = f"worker died ({type(err).__name__})"
-                    log.warning("pack %s: %s; attempt %d", job.pack_id, reason, attempt + 1)
-                    if attempt < self.max_retries:
-                        todo.put((job, attempt + 1))
-                    else:
-                        events.put(_End(job, JobFailure(job, f"{reason} {attempt + 1} times")))
-                    replacement = self._replace(slot, lambda: stop.is_set() or finished.is_set())
-                    if replacement is None:
-                        return
-                    actor = replacement
-                except ray.exceptions.RayTaskError as err:
-                    cause = err.cause if getattr(err, "cause", None) is not None else err
-                    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-                    if attempt < self.max_retries:
-                        todo.put((job, attempt + 1))
-                    else:
-                        events.put(_End(job, JobFailure(job, f"{type(cause).__name__}: {first}")))
-                finally:
-                    self._running.pop(job.pack_id, None)
-
-        threads = [threading.Thread(target=serve, args=(i,), daemon=True, name=f"pool-{i}")
-                   for i in range(len(self.actors))]
-        for t in threads:
-            t.start()
+        todo: collections.deque[tuple[PackJob, int]] = collections.deque((j, 0) for j in jobs)
+        # Reports and job ends, in order per job (a job's end follows its last report).
+        events: queue.Queue[Any] = queue.Queue()
         failures: list[JobFailure] = []
-        remaining = len(jobs)  # only this thread counts: jobs queued or running, not yet ended
-        while remaining:
-            try:
-                item = events.get(timeout=0.5)
-            except queue.Empty:
-                if stop.is_set() or not any(t.is_alive() for t in threads):
-                    break
-                continue
-            if isinstance(item, _End):
-                remaining -= 1
-                if item.failure is not None:
-                    failures.append(item.failure)
-                more = on_done(item.job, item.failure) if on_done is not None else ()
-                for job in more:
-                    todo.put((job, 0))
+        remaining = len(jobs)  # jobs queued or running, not yet ended
+        threads: list[threading.Thread] = []
+        waiting_since: float | None = None
+        next_poll = 0.0
+        known = set(self._live())
+
+        def end(job: PackJob, failure: JobFailure | None) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if failure is not None:
+                failures.append(failure)
+            more = on_done(job, failure) if on_done is not None else ()
+            if not stop.is_set():
+                todo.extend((j, 0) for j in more)
                 remaining += len(more)
-            else:
-                on_event(item)
-        finished.set()
+
+        while remaining and not stop.is_set():
+            now = time.monotonic()
+            if now >= next_poll:
+                # With on_idle the caller makes work for any worker that joins (a search asks new trials).
+                self._poll(need=len(todo) + (self.cap or 1 << 20 if on_idle is not None else 0))
+                next_poll = now + self.POLL_S
+                joined = [w for w in self._live() if w not in known and w.job is None]
+                known |= set(self._live())
+                if joined and not todo and on_idle is not None:
+                    more = on_idle(len(joined))  # fresh workers with nothing queued: ask for more work
+                    todo.extend((j, 0) for j in more)
+                    remaining += len(more)
+            for w in self._live():
+                if w.job is None and todo:
+                    job, attempt = todo.popleft()
+                    w.job = job
+                    self._running[job.pack_id] = w.handle
+                    t = threading.Thread(target=self._serve, args=(w, job, attempt, events, stop), daemon=True,
+                                         name=f"pool-{job.pack_id}")
+                    t.start()
+                    threads.append(t)
+            if not self._live() and todo:
+                if waiting_since is None:
+                    waiting_since = now
+                    log.warning("no Ray worker alive; waiting for workers (up to %.0f s)",
+                                self.wait_for_workers_s)
+                if on_wait is not None:
+                    on_wait(now - waiting_since)
+                if now - waiting_since > self.wait_for_workers_s:
+                    raise WorkersLost(f"no Ray worker for {now - waiting_since:.0f} s "
+                                      f"(execution.wait_for_workers_s={self.wait_for_workers_s:g}); "
+                                      f"{len(todo)} pack(s) left, none recorded as failed")
+            elif waiting_since is not None:
+                waiting_since = None
+                if on_wait is not None:
+                    on_wait(None)
+            try:
+                item = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._handle(item, todo, on_event, end)
         for t in threads:
             t.join(timeout=5)
-        while not events.empty():  # reports that raced a stop
+        while not events.empty():  # reports and ends that raced a stop
             item = events.get()
-            if isinstance(item, _End):
-                if item.failure is not None:
-                    failures.append(item.failure)
-                if on_done is not None:
-                    on_done(item.job, item.failure)  # stopping: no new jobs
-            else:
-                on_event(item)
-        if not stop.is_set():
-            # Jobs left in the queue when every worker is gone: fail them with a reason.
-            while True:
-                try:
-                    job, _ = todo.get_nowait()
-                except queue.Empty:
-                    break
-                failure = JobFailure(job, "no live Ray worker left to run it")
-                failures.append(failure)
-                if on_done is not None:
-                    on_done(job, failure)
+            self._handle(item, collections.deque(), on_event, end)
         return failures
 
-    def _replace(self, slot: int, idle: Callable[[], bool]) -> ray.actor.ActorHandle | None:
-        """A fresh actor for a dead one (Ray places it on a live node); None when none starts within 60 s
-        or the run no longer needs it (``idle()``)."""
-        try:
-            actor = self._new_actor()
-            ping: Any = actor.ping.remote()
-            deadline = time.monotonic() + 60
-            while not ray.wait([ping], timeout=1.0)[0]:
-                if idle() or time.monotonic() > deadline:
-                    ray.kill(actor)  # drop the pending placement so it never grabs a slot later
-                    log.warning("no room to replace a dead worker; going on with %d fewer", 1)
-                    return None
-            ray.get(ping)
-        except Exception as err:
-            log.warning("could not replace a dead worker: %s", err)
-            return None
-        self.actors[slot] = actor
-        return actor
+    def _handle(self, item: Any, todo: collections.deque[tuple[PackJob, int]],
+                on_event: Callable[[PackEvent], None], end: Callable[[PackJob, JobFailure | None], None]) -> None:
+        if isinstance(item, PackEvent):
+            on_event(item)
+            return
+        w: _Worker | None = item.worker
+        if w is not None:
+            if w.job is not None:
+                self._running.pop(w.job.pack_id, None)
+            w.job = None
+        if isinstance(item, _End):
+            end(item.job, item.failure)
+        elif isinstance(item, _Lost):
+            w = item.worker
+            where = w.info.node[:12] if w.info is not None else "?"
+            log.warning("pack %s: %s on node %s; re-queued from its checkpoint", item.job.pack_id, item.reason,
+                        where)
+            self._drop(w)
+            todo.appendleft((item.job, item.attempt))  # first in line: it has the most work done
+        elif isinstance(item, _Raised):
+            if item.attempt < self.max_retries:
+                log.warning("pack %s raised (%s); attempt %d", item.job.pack_id, item.reason, item.attempt + 2)
+                todo.appendleft((item.job, item.attempt + 1))
+            else:
+                end(item.job, JobFailure(item.job, item.reason))
 
     def close(self) -> None:
-        for a in self.actors:
-            with contextlib.suppress(Exception):  # already dead
-                ray.kill(a)
+        with contextlib.suppress(Exception):
+            self._ask_autoscaler(0)
+        for w in list(self._workers):
+            self._drop(w)
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+            if self.local:
+                localray.forget_local_ray()
 
 
 def open_beside(make: Callable[[], Pool | None], side: Callable[[], object]) -> Pool | None:
@@ -337,15 +540,16 @@ def close_in_background(pool: Pool) -> threading.Thread:
 
 
 def make_pool(backend: str, *, address: str | None, device: str, workers: int | None, cpus_per_worker: int,
-              max_retries: int) -> Pool:
+              max_retries: int, max_workers: int | None = None, wait_for_workers_s: float = 3600.0) -> Pool:
     if backend == "local":
         if address:
             raise PoolError("--address needs execution.backend=ray")
         return LocalPool(device, max_retries)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}}
     return RayPool(address, device=device, workers=workers, cpus_per_worker=cpus_per_worker,
-                   max_retries=max_retries, runtime_env=env if address else None)
+                   max_retries=max_retries, max_workers=max_workers, wait_for_workers_s=wait_for_workers_s,
+                   runtime_env=env if address else None)
 
 
-__all__ = ["JobFailure", "LocalPool", "Pool", "PoolError", "RayPool", "close_in_background", "make_pool",
-           "open_beside"]
+__all__ = ["JobFailure", "LocalPool", "Pool", "PoolError", "RayPool", "WorkersLost", "close_in_background",
+           "is_infrastructure_reason", "make_pool", "open_beside"]

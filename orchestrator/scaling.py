@@ -30,10 +30,20 @@ from rich.table import Table
 from workers.engine import NetMetrics, NetStatus, Pack, Report
 from workers.jobs import PackEvent, PackJob
 
-from . import analysis
+from . import analysis, runfolder
 from .config import ScalingConfig, dump
+from .credentials import redact, strip_password
 from .plan import NetworkPlan, load_jobs, plan_networks, plan_packs, save_jobs
-from .pool import JobFailure, Pool, close_in_background, make_pool, open_beside
+from .pool import (
+    JobFailure,
+    Pool,
+    PoolError,
+    WorkersLost,
+    close_in_background,
+    is_infrastructure_reason,
+    make_pool,
+    open_beside,
+)
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_results(path: Path) -> dict[int, NetworkResult]:
-    """Results already recorded (first record of a network wins; a torn last line is ignored)."""
+    """Results already recorded (first record of a network wins; a torn last line is ignored). A network
+    that an earlier version failed because its workers were lost is not a result: it is trained again."""
     out: dict[int, NetworkResult] = {}
     if not path.exists():
         return out
@@ -100,6 +111,8 @@ def read_results(path: Path) -> dict[int, NetworkResult]:
         try:
             rec = NetworkResult(**json.loads(line))
         except (json.JSONDecodeError, TypeError):
+            continue
+        if rec.status == NetStatus.FAILED.value and is_infrastructure_reason(rec.reason):
             continue
         out.setdefault(rec.net_id, rec)
     return out
@@ -134,20 +147,17 @@ class ScalingSweep:
         self.address = address
         self.console = console or Console(stderr=True)
         self.show_progress = progress
-        out.mkdir(parents=True, exist_ok=True)
         state_path = out / "state.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
         default_uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
         self.tracking_uri = tracking_uri or state.get("tracking_uri") or default_uri
         self.sweep_key = state.get("sweep_key") or uuid.uuid4().hex
-        state_path.write_text(json.dumps({"sweep_key": self.sweep_key, "tracking_uri": self.tracking_uri,
-                                          "name": cfg.name}, indent=1))
-        (out / "config.yaml").write_text(dump(cfg))
         self.networks = plan_networks(cfg)
         self.by_id: dict[int, NetworkPlan] = {n.net_id: n for n in self.networks}
         self.results_path = out / "results.jsonl"
         self.results = read_results(self.results_path)
         self.last_step: dict[int, int] = {}
+        self._wait_said: float | None = None
         self.curves: dict[int, list[tuple[int, float]]] = {}
         self.child: dict[int, str] = {}
 
@@ -226,6 +236,18 @@ class ScalingSweep:
             for sp in job.networks:
                 self._finalize_run(self.results[sp.net_id])
 
+    def _on_wait(self, waited: float | None) -> None:
+        """No worker alive: say so on the progress line (without one: at once, then once a minute)."""
+        if self._progress is not None:
+            desc = "training" if waited is None else f"waiting for workers {waited:.0f}s"
+            self._progress.update(self._task_id, description=desc)
+        if waited is None:
+            self._wait_said = None
+        elif not self.show_progress and (self._wait_said is None or waited - self._wait_said >= 60):
+            self.console.print(f"waiting for workers ({waited:.0f} s, up to "
+                               f"{self.cfg.execution.wait_for_workers_s:.0f} s)")
+            self._wait_said = waited
+
     def _advance(self, amount: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task_id, advance=amount,
@@ -247,6 +269,17 @@ class ScalingSweep:
         self.tracker.log_artifact(self.parent, self.out / "config.yaml")
 
     def run(self) -> dict[str, Any]:
+        """Hold the output folder (one driver at a time), write its state, run the sweep."""
+        with runfolder.hold(self.out, "mfsweep scaling"):
+            # A URL's password is never stored: it comes from the environment on resume.
+            (self.out / "state.json").write_text(json.dumps({
+                "sweep_key": self.sweep_key, "tracking_uri": strip_password(self.tracking_uri),
+                "name": self.cfg.name}, indent=1))
+            (self.out / "config.yaml").write_text(dump(self.cfg))
+            self.results = read_results(self.results_path)  # as of now that the folder is ours
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         ex = cfg.execution
         self.variants = cfg.variant_configs()
@@ -261,7 +294,8 @@ class ScalingSweep:
             if todo:
                 pool = open_beside(lambda: make_pool(
                     ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                    cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries), self._open_tracking)
+                    cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, max_workers=ex.max_workers,
+                    wait_for_workers_s=ex.wait_for_workers_s), self._open_tracking)
             else:
                 self._open_tracking()
             if self.results and plan_path.exists():
@@ -271,13 +305,13 @@ class ScalingSweep:
                     jobs = [j for j in load_jobs(plan_path)
                             if any(sp.net_id not in self.results for sp in j.networks)]
                 else:
-                    jobs = plan_packs(cfg, self.networks, n_workers=pool.n_workers,
+                    jobs = plan_packs(cfg, self.networks, n_workers=pool.plan_workers,
                                       memory_bytes=pool.memory_bytes, checkpoint_dir=self.out / "checkpoints",
                                       skip=set(self.results))
                     save_jobs(jobs, plan_path)
                 self.console.print(
                     f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
-                    f"{pool.device} worker(s); MLflow {self.tracking_uri}", soft_wrap=True)
+                    f"{pool.device} worker(s); MLflow {redact(self.tracking_uri)}", soft_wrap=True)
                 # Where the numbers came from: the workers' devices and nodes (timings depend on them).
                 self.tracker.set_tags(self.parent, {
                     "mfsweep.workers": f"{pool.n_workers} x {pool.device}",
@@ -294,11 +328,15 @@ class ScalingSweep:
                     self._progress = progress
                     self._task_id = progress.add_task(
                         "training", total=total, networks=f"{len(self.results)}/{len(self.networks)}")
-                    failures = pool.run(jobs, self._on_event, stop)
+                    try:
+                        failures = pool.run(jobs, self._on_event, stop, on_wait=self._on_wait)
+                    except WorkersLost as err:
+                        self.tracker.flush()
+                        raise PoolError(f"{err}; resume with: mfsweep resume {self.out}") from None
                     self._progress = None
                 closer = close_in_background(pool)  # while the analysis runs
                 pool = None
-                for f in failures:
+                for f in failures:  # a pack's own failure (lost workers never end up here)
                     for sp in f.job.networks:
                         self._record(sp.net_id, NetStatus.FAILED.value, None, self.last_step.get(sp.net_id, 0),
                                      f.reason, 0.0)
@@ -351,7 +389,7 @@ class ScalingSweep:
         summary = {
             "sweep": self.cfg.name,
             "variants": out_variants,
-            "mlflow": {"tracking_uri": self.tracking_uri, "experiment_id": self.tracker.experiment_id,
+            "mlflow": {"tracking_uri": redact(self.tracking_uri), "experiment_id": self.tracker.experiment_id,
                        "parent_run_id": self.parent},
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))

@@ -33,7 +33,6 @@ Output folder layout:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -60,9 +59,19 @@ from workers.engine import NetStatus, NetworkSpec, Retired, derive_seed, estimat
 from workers.engine import uses_exact_energy as _uses_exact
 from workers.jobs import PackEvent, PackJob
 
+from . import runfolder
 from .config import ConfigError, ScalingConfig, dump, load
+from .credentials import PASSWORD_ENV, has_password, redact, storage_password, strip_password
 from .plan import _pack_key, balance
-from .pool import JobFailure, close_in_background, make_pool, open_beside
+from .pool import (
+    JobFailure,
+    PoolError,
+    WorkersLost,
+    close_in_background,
+    is_infrastructure_reason,
+    make_pool,
+    open_beside,
+)
 from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
 from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
 
@@ -85,10 +94,6 @@ REEVAL_PREFIX = "mfsweep.reeval"
 
 class StorageError(RuntimeError):
     """The Optuna storage cannot be used (one line naming the fix)."""
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 @contextlib.contextmanager
@@ -204,41 +209,24 @@ def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, F
         except OSError as err:
             raise StorageError(f"cannot use journal file {path}: {err.strerror}; pass a writable --out or "
                                "--storage") from None
+    engine: dict[str, Any] = {"pool_pre_ping": True}
+    password = storage_password()
+    if password is not None and not has_password(url):
+        # Handed to the database driver, never put into a URL that could be printed or stored.
+        engine["connect_args"] = {"password": password}
     try:
         with _quiet():
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=HEARTBEAT_S,
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
     except Exception as err:  # sqlalchemy errors, missing drivers, bad URLs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StorageError(f"cannot open Optuna storage {_redact(url)}: {first[:200]}; check --storage "
-                           "(e.g. postgresql://user:pass@host/db) or omit it for a journal file") from None
-    return storage, _redact(url)
-
-
-@contextlib.contextmanager
-def _driver_lock(out: Path) -> Iterator[None]:
-    """One live driver per output folder; the OS drops the lock when the driver dies (even by SIGKILL)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "driver.lock"
-    fh = path.open("a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        pid = fh.read().strip() or "?"
-        fh.close()
-        raise ConfigError(f"another mfsweep search (pid {pid}) is running in {out}; wait for it to end or "
-                          "pass another --out") from None
-    try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        yield
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        if password is not None:
+            first = first.replace(password, "***")
+        raise StorageError(f"cannot open Optuna storage {redact(url)}: {redact(first)[:200]}; check --storage "
+                           f"(e.g. postgresql://user@host/db, with the password in {PASSWORD_ENV}, PGPASSWORD "
+                           "or PGPASSFILE) or omit it for a journal file") from None
+    return storage, redact(url)
 
 
 # --------------------------------------------------------------------------- one trial in flight
@@ -308,8 +296,13 @@ class SearchRun:
         self.show_progress = progress
         state_path = out / "state.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
-        if state and storage is not None and storage != state.get("storage"):
-            held = _redact(state.get("storage") or "its journal file")
+        if storage is not None and has_password(storage):
+            self.console.print(f"[yellow]warning:[/] a password in --storage is visible to every user of this "
+                               f"host (process list); put it in {PASSWORD_ENV} or PGPASSFILE instead. It is not "
+                               "stored.", soft_wrap=True, highlight=False)
+        # Stored without its password (state.json): it comes from the environment again on resume.
+        if state and storage is not None and strip_password(storage) != state.get("storage"):
+            held = redact(state.get("storage") or "its journal file")
             raise ConfigError(f"{out} holds study '{state.get('study')}' on {held}; pass the same --storage "
                               "or another --out")
         if state and study is not None and study != state.get("study"):
@@ -335,13 +328,15 @@ class SearchRun:
         """Trials told since the last MLflow flush (their runs' ends are flushed per finished pack)."""
         self._told_now = 0
         self._hb_stop = threading.Event()
-        self._state = {"search_key": self.search_key, "study": self.study_name, "storage": self.storage_url,
-                       "tracking_uri": self.tracking_uri, "name": cfg.name}
+        self._infra_checked = False
+        self._state = {"search_key": self.search_key, "study": self.study_name,
+                       "storage": strip_password(self.storage_url) if self.storage_url else None,
+                       "tracking_uri": strip_password(self.tracking_uri), "name": cfg.name}
 
     # ------------------------------------------------------------------ public
     def run(self) -> dict[str, Any]:
         out = self.out
-        with _driver_lock(out):
+        with runfolder.hold(out, "mfsweep search"):
             (out / "state.json").write_text(json.dumps(self._state, indent=1))
             (out / "search.yaml").write_text(dump(self.cfg))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -399,7 +394,8 @@ class SearchRun:
         if done < target or self._fidelity_todo() or self._reeval_todo():
             pool = open_beside(lambda: make_pool(
                 ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries), self._open_tracking)
+                cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, max_workers=ex.max_workers,
+                wait_for_workers_s=ex.wait_for_workers_s), self._open_tracking)
         else:
             pool = None
             self._open_tracking()
@@ -412,7 +408,7 @@ class SearchRun:
                 self.console.print(
                     f"[bold]{cfg.name}[/]: study '{self.study_name}' ({self.storage_desc}), {done}/{target} "
                     f"trials done, up to {cfg.search.parallel} in flight on {pool.n_workers} {pool.device} "
-                    f"worker(s); MLflow {self.tracking_uri}", soft_wrap=True, highlight=False)
+                    f"worker(s); MLflow {redact(self.tracking_uri)}", soft_wrap=True, highlight=False)
                 progress = Progress(
                     TextColumn("[progress.description]{task.description}"), BarColumn(),
                     TextColumn("{task.fields[trials]} trials"), TextColumn("{task.percentage:>3.0f}%"),
@@ -456,8 +452,16 @@ class SearchRun:
             if not jobs:
                 self._flush_told()
                 return
-            self.pool.run(jobs, self._on_event, self.stop,
-                          on_done=lambda job, failure: self._on_pack_done(job, failure, target))
+            try:
+                self.pool.run(jobs, self._on_event, self.stop,
+                              on_done=lambda job, failure: self._on_pack_done(job, failure, target),
+                              on_idle=lambda n: [j for _ in range(n) for j in self._next_jobs(target)])
+            except WorkersLost as err:
+                # Like an interrupt: trials cut short are retried with the same parameters on resume.
+                self.stop.set()
+                with contextlib.suppress(Interrupted):
+                    self._settle()
+                raise PoolError(f"{err}; resume with: mfsweep resume {self.out}") from None
             self._settle()
 
     def _next_jobs(self, target: int) -> list[PackJob]:
@@ -725,6 +729,13 @@ class SearchRun:
                                "(killed or crashed); retried as a new trial")
                 self.console.print(f"trial {t.number} was left running by a dead driver: failed and retried",
                                    highlight=False)
+        if not self._infra_checked:
+            # Earlier versions failed trials whose workers were lost; such a loss is not the trial's result.
+            self._infra_checked = True
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+                if t.user_attrs.get(KEY_ATTR) == self.search_key and \
+                        is_infrastructure_reason(str(t.user_attrs.get(REASON_ATTR, ""))):
+                    self._retry(t, str(t.user_attrs.get(REASON_ATTR)))
 
     def _on_stale(self, study: optuna.Study, t: FrozenTrial) -> None:
         """Heartbeat-stale trial (already FAIL): enqueue its retry once."""
@@ -854,7 +865,11 @@ class SearchRun:
         for lv in lives:
             self.live[lv.net_id] = lv
         with _stop_on_signals(self.stop):
-            failures = self.pool.run(jobs, self._on_event, self.stop)
+            try:
+                failures = self.pool.run(jobs, self._on_event, self.stop)
+            except WorkersLost as err:  # nothing recorded: the stage runs again on resume
+                self.tracker.flush()
+                raise PoolError(f"{err}; resume with: mfsweep resume {self.out}") from None
         for f in failures:
             for sp in f.job.networks:
                 lv = self.live[sp.net_id]
@@ -1064,7 +1079,7 @@ class SearchRun:
                 "value_is": (f"final test loss at width {best_w}" if best_w is not None else
                              f"mean final test loss over {reeval['seeds']} fresh seeds"
                              if reeval is not None and reeval["pick"] is not None else "final test loss")},
-            "mlflow": {"tracking_uri": self.tracking_uri, "experiment_id": self.tracker.experiment_id,
+            "mlflow": {"tracking_uri": redact(self.tracking_uri), "experiment_id": self.tracker.experiment_id,
                        "parent_run_id": self.parent},
             "objective": self.cfg.search.objective.mode,
             "retried": sorted(retried),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -53,14 +54,10 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """Base URL ``postgresql://postgres@127.0.0.1:PORT`` of a server started for this test session
-    (or MFSWEEP_TEST_PG_URL, a server URL whose user may create databases)."""
-    env_url = os.environ.get("MFSWEEP_TEST_PG_URL")
-    if env_url:
-        yield env_url.rstrip("/")
-        return
+@contextlib.contextmanager
+def pg_cluster(password: str | None = None) -> Iterator[str]:
+    """A PostgreSQL server of its own; yields ``postgresql://postgres@127.0.0.1:PORT``. With ``password``
+    the server demands it (scram-sha-256) and the URL carries none: clients must find it elsewhere."""
     bindir = _pg_bin()
     if bindir is None:
         _missing("PostgreSQL binaries not found (apt-get install -y postgresql)")
@@ -69,6 +66,11 @@ def postgres_server() -> Iterator[str]:
     data, sock = tmp / "data", tmp / "sock"
     data.mkdir()
     sock.mkdir()
+    auth = ["--auth=trust"]
+    if password is not None:
+        pwfile = tmp / "pw"
+        pwfile.write_text(password + "\n")
+        auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
     run_as: list[str] = []
     if os.geteuid() == 0:  # postgres refuses to run as root: run it as the 'postgres' system user
         try:
@@ -76,11 +78,11 @@ def postgres_server() -> Iterator[str]:
         except KeyError:
             _missing("running as root and no 'postgres' user to run the server")
             return
-        for p in (tmp, data, sock):
+        for p in (tmp, data, sock, *([tmp / "pw"] if password is not None else [])):
             os.chown(p, pw.pw_uid, pw.pw_gid)
         run_as = ["runuser", "-u", "postgres", "--"]
     port = free_port()
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", *auth,
                     "-E", "UTF8"], check=True, capture_output=True)
     log = tmp / "server.log"
     if run_as:
@@ -95,6 +97,18 @@ def postgres_server() -> Iterator[str]:
         subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """Base URL ``postgresql://postgres@127.0.0.1:PORT`` of a server started for this test session
+    (or MFSWEEP_TEST_PG_URL, a server URL whose user may create databases)."""
+    env_url = os.environ.get("MFSWEEP_TEST_PG_URL")
+    if env_url:
+        yield env_url.rstrip("/")
+        return
+    with pg_cluster() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -312,12 +312,45 @@ def test_secret_references_are_documented_and_templates_hold_placeholders() -> N
     for name, secret in template.items():
         assert f"kubectl create secret generic {name}" in readme
         for key, value in secret["stringData"].items():
-            # Anything credential-like is a placeholder; a URL may carry a password only as CHANGE_ME.
+            # Anything credential-like is a placeholder; a URL carries no password at all (it would reach
+            # command lines, job metadata and the output folder): it has its own key.
             userinfo = re.match(r"^[a-z+]+://([^@/]*)@", value)
-            if userinfo and ":" in userinfo.group(1):
-                assert userinfo.group(1).endswith(":CHANGE_ME"), f"{name}/{key}"
-            elif any(w in key for w in ("token", "password", "secret")):
+            assert not (userinfo and ":" in userinfo.group(1)), f"{name}/{key}: password in a URL"
+            if any(w in key for w in ("token", "password", "secret")):
                 assert value == "CHANGE_ME", f"{name}/{key}"
+
+
+def _env_of_containers() -> Iterator[tuple[str, dict[str, Any]]]:
+    for path, doc in _kuberay_objects():
+        for node in _walk(doc):
+            if isinstance(node, dict) and "image" in node and "name" in node:
+                yield f"{path.name}:{node['name']}", {e["name"]: e for e in node.get("env", [])}
+
+
+def test_the_storage_password_comes_from_a_secret_beside_the_url() -> None:
+    """Every container given the Optuna storage URL gets its password as MFSWEEP_STORAGE_PASSWORD from the
+    Secret (mfsweep hands it to the database driver, never into a URL)."""
+    from orchestrator.credentials import PASSWORD_ENV
+
+    seen = 0
+    for where, env in _env_of_containers():
+        if "OPTUNA_STORAGE" not in env:
+            continue
+        seen += 1
+        ref = env.get(PASSWORD_ENV, {}).get("valueFrom", {}).get("secretKeyRef", {})
+        assert (ref.get("name"), ref.get("key")) == ("mfsweep-services", "optuna-db-password"), where
+    assert seen >= 3  # the RayCluster's head and both RayJobs' heads
+
+
+def test_no_command_line_carries_a_password() -> None:
+    """mfsweep and `ray job submit` command lines in the docs and manifests: no password in a URL or an
+    argument (they show up in `ps`, the job's metadata and the dashboard)."""
+    cmds = [*MFSWEEP_CMDS, *RAY_CMDS]
+    assert any("--storage" in c.tokens for c in cmds)
+    for cmd in cmds:
+        for tok in cmd.tokens:
+            assert not re.search(r"://[^/@\s:]*:[^/@\s]+@", tok), f"{cmd.source}: password in {tok}"
+            assert not re.search(r"(?i)password=", tok), f"{cmd.source}: {tok}"
 
 
 def test_volumes_and_images_are_consistent() -> None:
