@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from workers.engine import NetMetrics, NetStatus, Pack, Report
+from workers.engine import NetMetrics, NetStatus, Pack, Report, Retired
 from workers.jobs import PackEvent, PackJob
 
 from . import analysis
@@ -47,9 +47,38 @@ class NetworkResult:
     replicate: int
     status: str
     final_test_loss: float | None
+    """The last test loss."""
     step: int
+    """The step the network stopped at (converged, capped, diverged, pruned)."""
     reason: str
     wall_s: float
+    final_loss_mean: float | None = None
+    """Mean test loss over the final window: the network's result."""
+    final_loss_se: float | None = None
+    """Its standard error (serial correlation of the reports accounted for)."""
+    converged: bool | None = None
+    """The plateau test passed over the final window (None: recorded by an older version)."""
+    final_slope: float | None = None
+    """d log L / d log t over the final window."""
+    cap: int | None = None
+    """dynamics.steps when this was recorded (a sweep extended to more steps records again)."""
+
+    @property
+    def result_loss(self) -> float | None:
+        return self.final_loss_mean if self.final_loss_mean is not None else self.final_test_loss
+
+    def settled(self, steps: int) -> bool:
+        """Nothing left to train for a cap of ``steps``: it stopped for good (diverged, failed, pruned,
+        converged) or already trained that far."""
+        return (self.status != NetStatus.FINISHED.value or bool(self.converged) or self.cap is None
+                or self.cap >= steps)
+
+
+def _point_json(r: NetworkResult) -> dict[str, Any]:
+    """A network's line in summary.json: its result (the final-window mean), how sure, and whether converged."""
+    return {"width": r.width, "seed": r.replicate, "test_loss": r.result_loss, "test_loss_se": r.final_loss_se,
+            "converged": r.converged, "stop_step": r.step, "final_slope": r.final_slope,
+            "last_test_loss": r.final_test_loss, "status": r.status}
 
 
 class Interrupted(RuntimeError):
@@ -92,7 +121,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_results(path: Path) -> dict[int, NetworkResult]:
-    """Results already recorded (first record of a network wins; a torn last line is ignored)."""
+    """Results already recorded: per network the record of the largest cap (the sweep may have been
+    extended), the first of equal caps (replays never record twice); a torn last line is ignored."""
     out: dict[int, NetworkResult] = {}
     if not path.exists():
         return out
@@ -101,7 +131,9 @@ def read_results(path: Path) -> dict[int, NetworkResult]:
             rec = NetworkResult(**json.loads(line))
         except (json.JSONDecodeError, TypeError):
             continue
-        out.setdefault(rec.net_id, rec)
+        old = out.get(rec.net_id)
+        if old is None or (rec.cap or -1) > (old.cap or -1):
+            out[rec.net_id] = rec
     return out
 
 
@@ -145,8 +177,12 @@ class ScalingSweep:
         (out / "config.yaml").write_text(dump(cfg))
         self.networks = plan_networks(cfg)
         self.by_id: dict[int, NetworkPlan] = {n.net_id: n for n in self.networks}
+        self.variants = cfg.variant_configs()
+        self.cap = {name: v.dynamics.steps for name, v in self.variants}
+        """Step cap per variant (each network's dynamics.steps)."""
         self.results_path = out / "results.jsonl"
         self.results = read_results(self.results_path)
+        self._settled_count: int | None = None
         self.last_step: dict[int, int] = {}
         self.curves: dict[int, list[tuple[int, float]]] = {}
         self.child: dict[int, str] = {}
@@ -171,12 +207,21 @@ class ScalingSweep:
             self.child[net_id] = run
         return run
 
+    def _settled(self, net_id: int) -> bool:
+        res = self.results.get(net_id)
+        return res is not None and res.settled(self.cap[self.by_id[net_id].variant])
+
+    def _n_settled(self) -> int:
+        if self._settled_count is None:
+            self._settled_count = sum(1 for n in self.results if self._settled(n))
+        return self._settled_count
+
     def _on_event(self, ev: PackEvent) -> None:
         rep = ev.report
         for m in rep.metrics:
             self._log_point(m, rep)
         for r in rep.retired:
-            self._record(r.net_id, r.status.value, r.final_test_loss, r.step, r.reason, ev.wall_s)
+            self._record(r, ev.wall_s)
 
     def _log_point(self, m: NetMetrics, rep: Report) -> None:
         prev = self.last_step.get(m.net_id, -1)
@@ -189,35 +234,61 @@ class ScalingSweep:
         self.tracker.log_metrics(self._child(m.net_id), rep.values(m), m.step)
         self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
 
-    def _record(self, net_id: int, status: str, loss: float | None, step: int, reason: str, wall: float) -> None:
-        if net_id in self.results:
-            return
+    def _record(self, r: Retired, wall: float) -> None:
+        old = self.results.get(r.net_id)
+        if old is not None and (self._settled(r.net_id) or r.step <= old.step):
+            return  # recorded already (a replay after a restart, or the old cap's record of an extended run)
+        net = self.by_id[r.net_id]
+        est = r.estimate
+        res = NetworkResult(
+            r.net_id, net.key, net.variant, net.spec.width, net.replicate, r.status.value, r.final_test_loss,
+            r.step, r.reason, round(wall, 3),
+            final_loss_mean=None if est is None else est.mean, final_loss_se=None if est is None else est.se,
+            converged=None if est is None else est.converged, final_slope=None if est is None else est.slope,
+            cap=self.cap[net.variant])
+        self._write(res)
+        # Early stops (converged, diverged, pruned) complete their share of the progress bar.
+        cap = self.cap[net.variant]
+        self._advance(net.spec.width * max(0, cap - max(r.step, self.last_step.get(r.net_id, 0))))
+
+    def _fail(self, net_id: int, reason: str) -> None:
         net = self.by_id[net_id]
-        res = NetworkResult(net_id, net.key, net.variant, net.spec.width, net.replicate, status,
-                            loss, step, reason, round(wall, 3))
+        self._write(NetworkResult(net_id, net.key, net.variant, net.spec.width, net.replicate,
+                                  NetStatus.FAILED.value, None, self.last_step.get(net_id, 0), reason, 0.0,
+                                  cap=self.cap[net.variant]))
+
+    def _write(self, res: NetworkResult) -> None:
         with self.results_path.open("a") as fh:  # append + fsync: a finished network is never lost
             fh.write(json.dumps(asdict(res)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self.results[net_id] = res
+        before = self._settled(res.net_id)
+        self.results[res.net_id] = res
+        if self._settled_count is not None and self._settled(res.net_id) and not before:
+            self._settled_count += 1
         self._finalize_run(res)
         self._advance(0.0)
 
     def _finalize_run(self, res: NetworkResult) -> None:
         """Final metrics, tags and status of a network's child run (idempotent)."""
         run = self._child(res.net_id)
-        final = {"wall_time_s": res.wall_s, "final_step": float(res.step)}
-        if res.final_test_loss is not None:
-            final["final_test_loss"] = res.final_test_loss
+        final = {"wall_time_s": res.wall_s, "final_step": float(res.step), "stop_step": float(res.step)}
+        for key in ("final_test_loss", "final_loss_mean", "final_loss_se", "final_slope"):
+            value = getattr(res, key)
+            if value is not None:
+                final[key] = value
         self.tracker.log_metrics(run, final, res.step)
-        self.tracker.set_tags(run, {"mfsweep.status": res.status, "mfsweep.reason": res.reason[:500]})
+        tags = {"mfsweep.status": res.status, "mfsweep.reason": res.reason[:500]}
+        if res.converged is not None:
+            tags["mfsweep.converged"] = str(res.converged).lower()
+        self.tracker.set_tags(run, tags)
         self.tracker.end_run(run, "FINISHED" if res.status == NetStatus.FINISHED.value else "FAILED")
 
     def _reconcile(self, jobs: list[PackJob]) -> None:
         """After a crash, re-send what durable records hold for packs that will not run again (their
         checkpointed reports, their results), so MLflow ends complete; the tracker drops duplicates."""
         for job in jobs:
-            if not all(sp.net_id in self.results for sp in job.networks):
+            if not all(self._settled(sp.net_id) for sp in job.networks):
                 continue  # a pack that runs again replays its own history
             if job.checkpoint and Path(job.checkpoint).exists():
                 for rep in Pack.read_history(job.checkpoint):
@@ -226,10 +297,20 @@ class ScalingSweep:
             for sp in job.networks:
                 self._finalize_run(self.results[sp.net_id])
 
+    def _extended(self, jobs: list[PackJob]) -> list[PackJob]:
+        """The jobs with their networks' current step cap (``mfsweep resume DIR --set dynamics.steps=N``
+        raises it; the pack then continues from its checkpoint)."""
+        out = []
+        for job in jobs:
+            steps = self.cap[self.by_id[job.networks[0].net_id].variant]
+            out.append(job if steps == job.dynamics.steps else
+                       replace(job, dynamics=replace(job.dynamics, steps=steps)))
+        return out
+
     def _advance(self, amount: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task_id, advance=amount,
-                                  networks=f"{len(self.results)}/{len(self.networks)}")
+                                  networks=f"{self._n_settled()}/{len(self.networks)}")
 
     # ------------------------------------------------------------------ run
     def _open_tracking(self) -> None:
@@ -249,10 +330,9 @@ class ScalingSweep:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         ex = cfg.execution
-        self.variants = cfg.variant_configs()
         self._progress: Progress | None = None
         plan_path = self.out / "plan.json"
-        todo = [n for n in self.networks if n.net_id not in self.results]
+        todo = [n for n in self.networks if not self._settled(n.net_id)]
         stop = threading.Event()
         failures: list[JobFailure] = []
         pool: Pool | None = None
@@ -268,12 +348,13 @@ class ScalingSweep:
                 self._reconcile(load_jobs(plan_path))
             if pool is not None:
                 if plan_path.exists():
-                    jobs = [j for j in load_jobs(plan_path)
-                            if any(sp.net_id not in self.results for sp in j.networks)]
+                    planned = self._extended(load_jobs(plan_path))
+                    save_jobs(planned, plan_path)
+                    jobs = [j for j in planned if any(not self._settled(sp.net_id) for sp in j.networks)]
                 else:
                     jobs = plan_packs(cfg, self.networks, n_workers=pool.n_workers,
                                       memory_bytes=pool.memory_bytes, checkpoint_dir=self.out / "checkpoints",
-                                      skip=set(self.results))
+                                      skip={n for n in self.by_id if self._settled(n)})
                     save_jobs(jobs, plan_path)
                 self.console.print(
                     f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
@@ -284,7 +365,7 @@ class ScalingSweep:
                     "mfsweep.worker_nodes": str(len({w.node for w in pool.workers})),
                     "mfsweep.worker_device_names": ", ".join(sorted({w.device for w in pool.workers}))})
                 total = float(sum(self.by_id[sp.net_id].spec.width * j.dynamics.steps
-                                  for j in jobs for sp in j.networks if sp.net_id not in self.results))
+                                  for j in jobs for sp in j.networks if not self._settled(sp.net_id)))
                 progress = Progress(
                     TextColumn("[progress.description]{task.description}"), BarColumn(),
                     TextColumn("{task.fields[networks]} networks"), TextColumn("{task.percentage:>3.0f}%"),
@@ -293,19 +374,19 @@ class ScalingSweep:
                 with progress, _stop_on_signals(stop):
                     self._progress = progress
                     self._task_id = progress.add_task(
-                        "training", total=total, networks=f"{len(self.results)}/{len(self.networks)}")
+                        "training", total=total, networks=f"{self._n_settled()}/{len(self.networks)}")
                     failures = pool.run(jobs, self._on_event, stop)
                     self._progress = None
                 closer = close_in_background(pool)  # while the analysis runs
                 pool = None
                 for f in failures:
                     for sp in f.job.networks:
-                        self._record(sp.net_id, NetStatus.FAILED.value, None, self.last_step.get(sp.net_id, 0),
-                                     f.reason, 0.0)
+                        if not self._settled(sp.net_id):
+                            self._fail(sp.net_id, f.reason)
                 if stop.is_set():
                     self.tracker.flush()
                     raise Interrupted(
-                        f"interrupted with {len(self.results)}/{len(self.networks)} networks done; "
+                        f"interrupted with {self._n_settled()}/{len(self.networks)} networks done; "
                         f"resume with: mfsweep resume {self.out}")
             summary = self._finish()
         finally:
@@ -326,8 +407,8 @@ class ScalingSweep:
         per_variant: dict[str, tuple[list[analysis.Point], analysis.Fit | None]] = {}
         out_variants = []
         for name, _ in self.variants:
-            pts = [analysis.Point(r.width, r.replicate, r.final_test_loss, r.status)
-                   for r in sorted(self.results.values(), key=lambda r: r.net_id) if r.variant == name]
+            recs = [r for r in sorted(self.results.values(), key=lambda r: r.net_id) if r.variant == name]
+            pts = [analysis.Point(r.width, r.replicate, r.result_loss, r.status) for r in recs]
             try:
                 fit: analysis.Fit | None = analysis.fit_scaling(pts, seed=self.cfg.sweep.seed)
             except ValueError as err:
@@ -340,8 +421,7 @@ class ScalingSweep:
                 "exponent_ci95": list(fit.exponent_ci95) if fit else None,
                 "prefactor": fit.prefactor if fit else None,
                 "r2": fit.r2 if fit else None,
-                "points": [{"width": p.width, "seed": p.seed, "test_loss": p.test_loss, "status": p.status}
-                           for p in pts],
+                "points": [_point_json(r) for r in recs],
             })
             if fit is not None:
                 self.tracker.log_metrics(self.parent, {
