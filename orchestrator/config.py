@@ -399,5 +399,45 @@ def load(path: str | Path | None, overrides: Sequence[str] = (), **direct: Any) 
     return cfg
 
 
+#: What ``mfsweep resume DIR --set`` may change: the step cap, so a finished sweep continues from its checkpoints.
+EXTENDABLE = ("dynamics.steps",)
+
+
+def extend(cfg: ScalingConfig, overrides: Sequence[str]) -> ScalingConfig:
+    """``cfg`` with its step cap raised by ``--set dynamics.steps=N`` (anything else is an error). A birth-death
+    quench grows by the same number of steps: birth-death stopped where it stopped, and the extended run is
+    exactly the run that had the larger cap and quench from the start."""
+    if not overrides:
+        return cfg
+    pairs = parse_set(overrides)
+    for key, _ in pairs:
+        if key not in EXTENDABLE:
+            raise ConfigError(f"resume --set {key}: only {', '.join(EXTENDABLE)} can change when a sweep "
+                              "continues; start a new sweep (mfsweep scaling ... --out NEW) to change anything else")
+    steps = dict(pairs)["dynamics.steps"]
+    old = cfg.dynamics.steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < old:
+        raise ConfigError(f"resume --set dynamics.steps={steps}: give a whole number of steps >= {old}, the "
+                          "sweep's current cap")
+    extra = steps - old
+    for name, v in cfg.variant_configs():
+        if v.dynamics.steps != old:
+            raise ConfigError(f"variant {name} sets its own dynamics.steps ({v.dynamics.steps}); edit it in the "
+                              "sweep's config.yaml instead of resume --set")
+        if extra and v.dynamics.lr_schedule.kind is LrSchedule.COSINE:
+            raise ConfigError(f"variant {name} uses lr_schedule cosine, whose shape depends on the total steps; "
+                              "start a new sweep with more dynamics.steps")
+    raw = cfg.model_dump(mode="json")
+    raw["dynamics"]["steps"] = steps
+    raw["dynamics"]["birth_death"]["quench"] += extra if raw["dynamics"]["birth_death"]["quench"] else 0
+    for var in raw["sweep"]["variants"]:
+        q = var["set"].get("dynamics.birth_death.quench")
+        if isinstance(q, int) and q > 0:
+            var["set"]["dynamics.birth_death.quench"] = q + extra
+    new = _validate(raw, "resume --set")
+    new.variant_configs()
+    return new
+
+
 def dump(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -302,9 +302,8 @@ class ScalingSweep:
         raises it; the pack then continues from its checkpoint)."""
         out = []
         for job in jobs:
-            steps = self.cap[self.by_id[job.networks[0].net_id].variant]
-            out.append(job if steps == job.dynamics.steps else
-                       replace(job, dynamics=replace(job.dynamics, steps=steps)))
+            dyn = dict(self.variants)[self.by_id[job.networks[0].net_id].variant].dynamics.spec()
+            out.append(job if dyn.steps == job.dynamics.steps else replace(job, dynamics=dyn))
         return out
 
     def _advance(self, amount: float) -> None:

@@ -576,7 +576,7 @@ class Pack:
 
     def _estimate(self, net_id: int) -> Estimate | None:
         d = self.dynamics
-        return self.windows[net_id].estimate(rel_tol=d.stop_rel_tol, z=d.stop_z)
+        return self.windows[net_id].estimate(window=d.stop_window, rel_tol=d.stop_rel_tol, z=d.stop_z)
 
     def _stop(self, last: dict[int, float]) -> None:
         """Retire networks whose test loss is stationary (plateau rule); at the cap, retire every running
@@ -595,21 +595,21 @@ class Pack:
                 if est is not None and est.converged:
                     self.retire(nid, NetStatus.FINISHED, f"converged at step {self.step}", last[nid], est)
 
-    def extend(self, steps: int) -> None:
-        """Raise the step cap of a pack to ``steps``: networks that reached the old cap without converging
-        train on (exactly as if the cap had been ``steps`` all along); those that had converged leave."""
+    def extend(self, dynamics: DynamicsSpec) -> None:
+        """Raise the step cap to ``dynamics.steps``: networks that reached the old cap without converging train
+        on, exactly as if the cap had been the new one all along; those that had converged leave. Only the cap
+        and a quench that grows with it (birth-death ends at the same step) may differ."""
         d = self.dynamics
-        if steps <= d.steps:
-            if steps < d.steps:
-                raise ValueError(f"cannot shorten a run from {d.steps} to {steps} steps")
+        if dynamics == d:
             return
-        if d.bd_quench > 0:
-            raise ValueError("a run with dynamics.birth_death.quench > 0 cannot be extended (its quench already "
-                             "ran); start a new sweep with more dynamics.steps")
+        same = dataclasses.replace(dynamics, steps=d.steps, bd_quench=d.bd_quench) == d
+        if not same or dynamics.steps < d.steps or dynamics.steps - dynamics.bd_quench != d.steps - d.bd_quench:
+            raise ValueError("a checkpointed pack continues only with a larger dynamics.steps (and a quench grown "
+                             "by as much); its other dynamics settings cannot change")
         if d.lr_schedule is LrSchedule.COSINE:
             raise ValueError("a run with dynamics.lr_schedule.kind=cosine cannot be extended (the schedule "
                              "depends on the total steps); start a new sweep with more dynamics.steps")
-        self.dynamics = dataclasses.replace(d, steps=steps)
+        self.dynamics = dynamics
         self.data.dynamics = self.dynamics
         for nid in sorted(self.capped):
             est = self.retired[nid].estimate

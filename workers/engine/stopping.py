@@ -9,10 +9,11 @@ Over the window:
   serial correlation of successive reports (SGD's noise floor wanders slowly): n_eff = m (1 - r) / (1 + r)
   with r the lag-1 autocorrelation, clipped to [0, 0.9];
 * the **plateau test**: the least-squares slope b of log L against the step t, with its standard error
-  (residuals, same correction), gives the relative decrease over the window D = -b (t_last - t_first). The
-  network is converged when even the upper confidence bound of that decrease, D + z SE(b) span, is below
-  ``rel_tol``: a curve must *show* that it stopped falling, so noise alone never stops a network that is still
-  decreasing by more than the tolerance (the test is one-sided at z standard errors);
+  (residuals, same correction), gives the relative decrease per window D = -b W (W = ``window`` steps, also
+  while the run is young and its window shorter). The network is converged when even the upper confidence
+  bound of that decrease, (-b + z SE(b)) W, is below ``rel_tol``: a curve must *show* that it stopped falling,
+  so noise alone rarely stops a network that is still decreasing by more than the tolerance (the test is
+  one-sided at z standard errors);
 * the **final slope** d log L / d log t (least squares against log t), the quantity the theory's long-time
   regime is about, reported for every network.
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 TINY = 1e-300
 #: Fewest reports in a window for the plateau test (and the standard error) to be meaningful.
-MIN_POINTS = 5
+MIN_POINTS = 10
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,9 @@ def _ols(x: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
     return b, se
 
 
-def estimate(points: Sequence[tuple[int, float]], *, rel_tol: float, z: float) -> Estimate | None:
-    """The window estimate of ``points`` ((step, test loss), ascending steps, already cut to the window);
-    None when there is no finite point."""
+def estimate(points: Sequence[tuple[int, float]], *, window: int, rel_tol: float, z: float) -> Estimate | None:
+    """The window estimate of ``points`` ((step, test loss), ascending steps, already cut to the window of
+    ``window`` steps); None when there is no finite point."""
     pts = [(t, v) for t, v in points if math.isfinite(v)]
     if not pts:
         return None
@@ -112,11 +113,12 @@ def estimate(points: Sequence[tuple[int, float]], *, rel_tol: float, z: float) -
         if sxx > 0:
             slope = sum((a - xm) * (c - ym) for a, c in zip(lx, ly, strict=True)) / sxx
     converged = False
-    fit = _ols(steps, logs) if m >= MIN_POINTS else None
+    # The test needs a window of at least half its length (the run is >= ``window`` steps old) and enough
+    # reports: SGD's floor wanders slowly, and a short window cannot tell a wander from a trend.
+    fit = _ols(steps, logs) if m >= MIN_POINTS and pts[-1][0] >= window else None
     if fit is not None:
         b, se_b = fit
-        span = steps[-1] - steps[0]
-        converged = (-b + z * se_b) * span < rel_tol
+        converged = (-b + z * se_b) * window < rel_tol
     return Estimate(mean=mean, se=se, slope=slope, converged=converged, n_points=m, start=pts[0][0])
 
 
@@ -131,8 +133,8 @@ class Window:
         first = window_start(step, window)
         self.points = [(t, v) for t, v in self.points if t >= first]
 
-    def estimate(self, *, rel_tol: float, z: float) -> Estimate | None:
-        return estimate(self.points, rel_tol=rel_tol, z=z)
+    def estimate(self, *, window: int, rel_tol: float, z: float) -> Estimate | None:
+        return estimate(self.points, window=window, rel_tol=rel_tol, z=z)
 
 
 __all__ = ["MIN_POINTS", "Estimate", "Window", "estimate", "window_start"]
