@@ -35,6 +35,9 @@ from workers.engine import (
     make_task,
 )
 
+#: Fewest reports in a window for the plateau test (workers.engine.stopping.MIN_POINTS).
+MIN_POINTS = 10
+
 #: The embedded quick-start sweep that ``mfsweep scaling`` runs without a config.
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")
 
@@ -195,10 +198,11 @@ class DynamicsConfig(Strict):
     def _quench(self) -> DynamicsConfig:
         if self.birth_death.quench > self.steps:
             raise ValueError(f"birth_death.quench ({self.birth_death.quench}) exceeds steps ({self.steps})")
-        if self.stop.rule is StopRule.PLATEAU and self.stop.window < 5 * self.eval_every:
+        if self.stop.rule is StopRule.PLATEAU and self.stop.window < MIN_POINTS * self.eval_every:
             raise ValueError(
-                f"stop.window ({self.stop.window}) holds fewer than 5 reports at eval_every {self.eval_every}; "
-                f"raise stop.window to >= {5 * self.eval_every} or lower eval_every")
+                f"stop.window ({self.stop.window}) holds fewer than {MIN_POINTS} reports at eval_every "
+                f"{self.eval_every}, too few for the plateau test; raise stop.window to >= "
+                f"{MIN_POINTS * self.eval_every} or lower eval_every")
         return self
 
     def spec(self) -> DynamicsSpec:

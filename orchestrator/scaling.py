@@ -74,6 +74,10 @@ class NetworkResult:
                 or self.cap >= steps)
 
 
+#: Config keys that ``mfsweep resume --set dynamics.steps=N`` changes (the quench grows with the cap).
+_EXTENSION_KEYS = ("dynamics.steps", "dynamics.birth_death.quench", "sweep.variants")
+
+
 def _point_json(r: NetworkResult) -> dict[str, Any]:
     """A network's line in summary.json: its result (the final-window mean), how sure, and whether converged."""
     return {"width": r.width, "seed": r.replicate, "test_loss": r.result_loss, "test_loss_se": r.final_loss_se,
@@ -197,13 +201,15 @@ class ScalingSweep:
             params = {
                 "variant": net.variant, "width": sp.width, "replicate": net.replicate, "net_id": net_id,
                 "unit": v.model.unit.value, "parametrization": sp.parametrization.value,
-                "algorithm": v.dynamics.algorithm.value, "lr": sp.lr, "steps": v.dynamics.steps,
+                "algorithm": v.dynamics.algorithm.value, "lr": sp.lr,
                 "batch_size": v.dynamics.batch_size, "temperature": sp.temperature,
                 "bd_rate": sp.bd_rate, "bd_scheme": sp.bd_scheme.value, "task": v.task.kind.value,
                 "dim": v.task.dim,
             }
+            # The step cap is a tag, not a param: extending a sweep raises it, and MLflow params never change.
             run = self.tracker.start_child(self.parent, net.key, net.key, params,
-                                           {"mfsweep.key": net.key, "mfsweep.variant": net.variant})
+                                           {"mfsweep.key": net.key, "mfsweep.variant": net.variant,
+                                            "mfsweep.steps": str(v.dynamics.steps)})
             self.child[net_id] = run
         return run
 
@@ -318,9 +324,12 @@ class ScalingSweep:
 
         cfg = self.cfg
         self.tracker = Tracker(self.tracking_uri, cfg.name)
+        params = _flatten(cfg.model_dump(mode="json"))
+        # What extending a sweep changes goes into tags (MLflow params never change).
+        moving = {f"config.{k}": str(params.pop(k)) for k in _EXTENSION_KEYS if k in params}
         self.parent = self.tracker.start_parent(
-            self.out.name, _flatten(cfg.model_dump(mode="json")),
-            {"mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
+            self.out.name, params,
+            {**moving, "mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
              "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
              "mfsweep.driver_host": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
              **{f"version.{k}": v for k, v in _versions().items()}})
@@ -403,30 +412,26 @@ class ScalingSweep:
 
     # ------------------------------------------------------------------ analysis
     def _finish(self) -> dict[str, Any]:
-        per_variant: dict[str, tuple[list[analysis.Point], analysis.Fit | None]] = {}
+        analyses: dict[str, analysis.VariantAnalysis] = {}
         out_variants = []
         for name, _ in self.variants:
             recs = [r for r in sorted(self.results.values(), key=lambda r: r.net_id) if r.variant == name]
-            pts = [analysis.Point(r.width, r.replicate, r.result_loss, r.status) for r in recs]
-            try:
-                fit: analysis.Fit | None = analysis.fit_scaling(pts, seed=self.cfg.sweep.seed)
-            except ValueError as err:
-                self.console.print(f"[yellow]{name}: no fit ({err})[/]")
-                fit = None
-            per_variant[name] = (pts, fit)
+            pts = [analysis.Point(r.width, r.replicate, r.result_loss, r.status, se=r.final_loss_se,
+                                  converged=r.converged) for r in recs]
+            a = analyses[name] = analysis.analyse(pts, seed=self.cfg.sweep.seed)
+            law = a.power  # the exponent is the converged points' fit: the long-time law or nothing
             out_variants.append({
                 "name": name,
-                "exponent": fit.exponent if fit else None,
-                "exponent_ci95": list(fit.exponent_ci95) if fit else None,
-                "prefactor": fit.prefactor if fit else None,
-                "r2": fit.r2 if fit else None,
+                "exponent": law.exponent if law else None,
+                "exponent_ci95": list(law.exponent_ci95) if law else None,
+                "prefactor": law.prefactor if law else None,
+                "r2": law.r2 if law else None,
+                **a.to_json(),
                 "points": [_point_json(r) for r in recs],
             })
-            if fit is not None:
-                self.tracker.log_metrics(self.parent, {
-                    f"{name}.exponent": fit.exponent, f"{name}.exponent_ci95_lo": fit.exponent_ci95[0],
-                    f"{name}.exponent_ci95_hi": fit.exponent_ci95[1], f"{name}.prefactor": fit.prefactor,
-                    f"{name}.r2": fit.r2}, 0)
+            self.tracker.log_metrics(self.parent, _parent_metrics(name, a), 0)
+            self.tracker.set_tags(self.parent, {f"mfsweep.regime.{name}": a.regime or "none",
+                                                f"mfsweep.verdict.{name}": a.verdict()[:500]})
         summary = {
             "sweep": self.cfg.name,
             "variants": out_variants,
@@ -435,9 +440,9 @@ class ScalingSweep:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
         artifacts = [self.out / "summary.json"]
-        if any(f is not None for _, f in per_variant.values()):
-            artifacts.append(analysis.plot_scaling(per_variant, self.out / "scaling.png",
-                                                   f"{self.cfg.name}: final test loss vs width"))
+        if any(a.n_points for a in analyses.values()):
+            artifacts.append(analysis.plot_scaling(analyses, self.out / "scaling.png",
+                                                   f"{self.cfg.name}: test loss vs width"))
         curves = self._mean_curves()
         if curves:
             artifacts.append(analysis.plot_curves(curves, self.out / "curves.png",
@@ -446,7 +451,7 @@ class ScalingSweep:
         for path in artifacts:
             self.tracker.log_artifact(self.parent, path)
         self.tracker.end_run(self.parent, "FINISHED")
-        self._print_table(per_variant)
+        self._print_table(analyses)
         return summary
 
     def _mean_curves(self) -> dict[str, list[tuple[int, float]]]:
@@ -460,26 +465,58 @@ class ScalingSweep:
                     acc.setdefault(label, {}).setdefault(step, []).append(val)
         return {k: sorted((s, sum(v) / len(v)) for s, v in d.items()) for k, d in acc.items()}
 
-    def _print_table(self, per_variant: dict[str, tuple[list[analysis.Point], analysis.Fit | None]]) -> None:
-        """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits."""
-        table = Table(title=f"{self.cfg.name}: final test loss", caption="mean over seeds; fit: loss ~ width^exponent")
+    def _print_table(self, analyses: dict[str, analysis.VariantAnalysis]) -> None:
+        """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits, then
+        what they mean in words, and how to continue a sweep whose points have not converged."""
+        table = Table(title=f"{self.cfg.name}: test loss by width",
+                      caption="mean over seeds of each network's final-window mean; (k/m conv.): converged "
+                              "networks of m. exponent: loss ~ width^exponent on converged points (theory: -1 "
+                              "at long times)")
         table.add_column("width", justify="right")
-        for name in per_variant:
+        for name in analyses:
             table.add_column(name, justify="right")
         for w in self.cfg.sweep.widths:
             row = [str(w)]
-            for pts, _ in per_variant.values():
-                vals = [p.test_loss for p in pts if p.width == w and p.status == "finished"
-                        and p.test_loss is not None]
-                bad = sum(1 for p in pts if p.width == w and p.status != "finished")
-                cell = f"{sum(vals) / len(vals):.3g}" if vals else "-"
-                row.append(cell + (f" ({bad} failed)" if bad else ""))
+            for a in analyses.values():
+                pts = [p for p in a.points if p.width == w]
+                vals = [p.test_loss for p in pts if p.status == "finished" and p.test_loss is not None]
+                conv = sum(1 for p in pts if p.converged)
+                bad = sum(1 for p in pts if p.status != "finished")
+                cell = f"{sum(vals) / len(vals):.3g} ({conv}/{len(pts)} conv.)" if vals else "-"
+                row.append(cell + (f" ({bad} not finished)" if bad else ""))
             table.add_row(*row)
-        fits = []
-        for _, fit in per_variant.values():
-            fits.append(f"{fit.exponent:+.2f} [{fit.exponent_ci95[0]:+.2f}, {fit.exponent_ci95[1]:+.2f}]"
-                        if fit is not None else "-")
         table.add_section()
-        table.add_row("exponent", *fits)
-        table.add_row("R²", *[f"{fit.r2:.2f}" if fit is not None else "-" for _, fit in per_variant.values()])
-        Console().print(table)
+        table.add_row("exponent", *[_fit_cell(a.power) for a in analyses.values()])
+        table.add_row("all points", *[_fit_cell(a.power_all) for a in analyses.values()])
+        table.add_row("regime", *[a.regime or "-" for a in analyses.values()])
+        console = Console()
+        console.print(table)
+        for name, a in analyses.items():
+            console.print(f"[bold]{name}[/]: {a.verdict()}", soft_wrap=True, highlight=False)
+        n = sum(a.n_points for a in analyses.values())
+        conv = sum(a.n_converged for a in analyses.values())
+        if n and conv < n / 2:
+            steps = max(self.cap.values()) * 4
+            console.print(f"[yellow]{n - conv} of {n} networks have not converged, so the exponents above are not "
+                          f"the long-time law; continue the sweep with: mfsweep resume {self.out} "
+                          f"--set dynamics.steps={steps}[/]", soft_wrap=True, highlight=False)
+
+
+def _fit_cell(fit: analysis.Fit | None) -> str:
+    if fit is None:
+        return "-"
+    lo, hi = fit.exponent_ci95
+    return f"{fit.exponent:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _parent_metrics(name: str, a: analysis.VariantAnalysis) -> dict[str, float]:
+    """The parent run's per-variant numbers (MLflow metrics hold no None)."""
+    out = {f"{name}.n_points": float(a.n_points), f"{name}.n_converged": float(a.n_converged)}
+    for prefix, fit in ((name, a.power), (f"{name}.all_points", a.power_all)):
+        if fit is not None:
+            out.update({f"{prefix}.exponent": fit.exponent, f"{prefix}.exponent_ci95_lo": fit.exponent_ci95[0],
+                        f"{prefix}.exponent_ci95_hi": fit.exponent_ci95[1], f"{prefix}.prefactor": fit.prefactor,
+                        f"{prefix}.r2": fit.r2})
+    if a.floor is not None:
+        out.update({f"{name}.floor.alpha": a.floor.alpha, f"{name}.floor.l_inf": a.floor.l_inf})
+    return {k: v for k, v in out.items() if math.isfinite(v)}

@@ -603,7 +603,10 @@ class Pack:
         if dynamics == d:
             return
         same = dataclasses.replace(dynamics, steps=d.steps, bd_quench=d.bd_quench) == d
-        if not same or dynamics.steps < d.steps or dynamics.steps - dynamics.bd_quench != d.steps - d.bd_quench:
+        # Birth-death that ran to the end goes on; one that stopped (a quench) stops where it stopped.
+        bd_end_kept = (dynamics.bd_quench == 0 if d.bd_quench == 0
+                       else dynamics.steps - dynamics.bd_quench == d.steps - d.bd_quench)
+        if not same or dynamics.steps < d.steps or not bd_end_kept:
             raise ValueError("a checkpointed pack continues only with a larger dynamics.steps (and a quench grown "
                              "by as much); its other dynamics settings cannot change")
         if d.lr_schedule is LrSchedule.COSINE:
