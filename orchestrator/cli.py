@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sc)
     rs = sub.add_parser("resume", help="finish an interrupted scaling sweep or search in DIR")
     rs.add_argument("dir", type=Path)
+    rs.add_argument("--set", dest="overrides", action="append", default=[], metavar="dynamics.steps=N",
+                    help="extend a scaling sweep to more steps (networks that converged are not retrained)")
     rs.add_argument("--address", default=None)
     rs.add_argument("--tracking-uri", default=None)
     rs.add_argument("--no-progress", action="store_true")
@@ -104,6 +106,9 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     if (args.dir / "search.yaml").exists():
         from .search import resume_search
 
+        if args.overrides:
+            raise config_mod.ConfigError("resume --set extends scaling sweeps only; a search resumes as it was")
+
         return resume_search(args.dir, address=args.address, tracking_uri=args.tracking_uri,
                              progress=not args.no_progress, console=console)
     from .scaling import ScalingSweep
@@ -112,7 +117,9 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     if not path.exists():
         raise config_mod.ConfigError(f"{args.dir} is not an mfsweep output folder (no config.yaml)")
     with runfolder.hold(args.dir, "mfsweep resume"):
-        cfg = config_mod.load(path)
+        cfg = config_mod.extend(config_mod.load(path), args.overrides)
+        if args.overrides:
+            path.write_text(config_mod.dump(cfg))
         ScalingSweep(cfg, args.dir, tracking_uri=args.tracking_uri, address=args.address, console=console,
                      progress=not args.no_progress).run()
     return 0

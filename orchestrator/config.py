@@ -21,17 +21,22 @@ from workers.engine import (
     DynamicsSpec,
     InitSpec,
     InputDist,
+    LrSchedule,
     Measure,
     ModelSpec,
     Parametrization,
     RateConvention,
     Scheme,
+    StopRule,
     TaskKind,
     TaskSpec,
     Unit,
     check_compatible,
     make_task,
 )
+
+#: Fewest reports in a window for the plateau test (workers.engine.stopping.MIN_POINTS).
+MIN_POINTS = 10
 
 #: The embedded quick-start sweep that ``mfsweep scaling`` runs without a config.
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")
@@ -149,6 +154,31 @@ class BirthDeathConfig(Strict):
     """per_time: p = 1-exp(-alpha|beta| dt every) (paper) | per_step: p = min(1, alpha|beta|) (notebooks)."""
 
 
+class StopConfig(Strict):
+    rule: StopRule = StopRule.FIXED
+    """fixed: every network trains dynamics.steps | plateau: a network stops as soon as its test loss is
+    stationary over the final window (dynamics.steps is then the cap). Either way each result is the mean
+    over the final window and says whether it converged (docs/convergence.md)."""
+    window: int = Field(1000, ge=1)
+    """Steps of the final window (at most the last half of the run): the estimate and the plateau test."""
+    rel_tol: float = Field(0.02, gt=0)
+    """Converged when the relative decrease of the test loss over the window is surely (see confidence)
+    below this."""
+    confidence: float = Field(2.0, ge=0)
+    """Standard errors added to the measured decrease before comparing it with rel_tol (one-sided)."""
+    min_steps: int = Field(0, ge=0)
+    """plateau: no network stops before this step (guards early plateaus, e.g. near a saddle)."""
+
+
+class LrScheduleConfig(Strict):
+    kind: LrSchedule = LrSchedule.CONSTANT
+    """constant | inverse_time: dt / (1 + t / decay_steps) | cosine: from dt to floor*dt over dynamics.steps."""
+    decay_steps: float = Field(1000.0, gt=0)
+    """inverse_time: steps after which dt has halved."""
+    floor: float = Field(0.0, ge=0, le=1)
+    """Smallest dt(t) / dt."""
+
+
 class DynamicsConfig(Strict):
     algorithm: Algorithm = Algorithm.SGD
     """gd (exact energy where closed form, else the fixed training set) | sgd (mini-batches)."""
@@ -166,11 +196,20 @@ class DynamicsConfig(Strict):
     diverge_threshold: float = Field(1e8, gt=0)
     """A loss above this (or non-finite) retires the network as diverged."""
     birth_death: BirthDeathConfig = Field(default_factory=BirthDeathConfig)
+    stop: StopConfig = Field(default_factory=StopConfig)
+    """When a network stops, and how its result is estimated."""
+    lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
+    """Step-size schedule dt(t) (SGD's noise floor shrinks with dt)."""
 
     @model_validator(mode="after")
     def _quench(self) -> DynamicsConfig:
         if self.birth_death.quench > self.steps:
             raise ValueError(f"birth_death.quench ({self.birth_death.quench}) exceeds steps ({self.steps})")
+        if self.stop.rule is StopRule.PLATEAU and self.stop.window < MIN_POINTS * self.eval_every:
+            raise ValueError(
+                f"stop.window ({self.stop.window}) holds fewer than {MIN_POINTS} reports at eval_every "
+                f"{self.eval_every}, too few for the plateau test; raise stop.window to >= "
+                f"{MIN_POINTS * self.eval_every} or lower eval_every")
         return self
 
     def spec(self) -> DynamicsSpec:
@@ -178,7 +217,10 @@ class DynamicsConfig(Strict):
         return DynamicsSpec(
             algorithm=self.algorithm, steps=self.steps, batch_size=self.batch_size, finite_set=self.finite_set,
             eval_every=self.eval_every, bd_every=bd.every, bd_quench=bd.quench, bd_convention=bd.convention,
-            diverge_threshold=self.diverge_threshold,
+            diverge_threshold=self.diverge_threshold, stop_rule=self.stop.rule, stop_window=self.stop.window,
+            stop_rel_tol=self.stop.rel_tol, stop_z=self.stop.confidence, stop_min_steps=self.stop.min_steps,
+            lr_schedule=self.lr_schedule.kind, lr_decay_steps=self.lr_schedule.decay_steps,
+            lr_floor=self.lr_schedule.floor,
         )
 
 
@@ -385,6 +427,46 @@ def load(path: str | Path | None, overrides: Sequence[str] = (), **direct: Any) 
     cfg = _validate(raw, where)
     cfg.variant_configs()  # validate every variant now, before anything starts
     return cfg
+
+
+#: What ``mfsweep resume DIR --set`` may change: the step cap, so a finished sweep continues from its checkpoints.
+EXTENDABLE = ("dynamics.steps",)
+
+
+def extend(cfg: ScalingConfig, overrides: Sequence[str]) -> ScalingConfig:
+    """``cfg`` with its step cap raised by ``--set dynamics.steps=N`` (anything else is an error). A birth-death
+    quench grows by the same number of steps: birth-death stopped where it stopped, and the extended run is
+    exactly the run that had the larger cap and quench from the start."""
+    if not overrides:
+        return cfg
+    pairs = parse_set(overrides)
+    for key, _ in pairs:
+        if key not in EXTENDABLE:
+            raise ConfigError(f"resume --set {key}: only {', '.join(EXTENDABLE)} can change when a sweep "
+                              "continues; start a new sweep (mfsweep scaling ... --out NEW) to change anything else")
+    steps = dict(pairs)["dynamics.steps"]
+    old = cfg.dynamics.steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < old:
+        raise ConfigError(f"resume --set dynamics.steps={steps}: give a whole number of steps >= {old}, the "
+                          "sweep's current cap")
+    extra = steps - old
+    for name, v in cfg.variant_configs():
+        if v.dynamics.steps != old:
+            raise ConfigError(f"variant {name} sets its own dynamics.steps ({v.dynamics.steps}); edit it in the "
+                              "sweep's config.yaml instead of resume --set")
+        if extra and v.dynamics.lr_schedule.kind is LrSchedule.COSINE:
+            raise ConfigError(f"variant {name} uses lr_schedule cosine, whose shape depends on the total steps; "
+                              "start a new sweep with more dynamics.steps")
+    raw = cfg.model_dump(mode="json")
+    raw["dynamics"]["steps"] = steps
+    raw["dynamics"]["birth_death"]["quench"] += extra if raw["dynamics"]["birth_death"]["quench"] else 0
+    for var in raw["sweep"]["variants"]:
+        q = var["set"].get("dynamics.birth_death.quench")
+        if isinstance(q, int) and q > 0:
+            var["set"]["dynamics.birth_death.quench"] = q + extra
+    new = _validate(raw, "resume --set")
+    new.variant_configs()
+    return new
 
 
 def dump(cfg: BaseModel) -> str:

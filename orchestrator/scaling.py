@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from workers.engine import NetMetrics, NetStatus, Pack, Report
+from workers.engine import NetMetrics, NetStatus, Pack, Report, Retired
 from workers.jobs import PackEvent, PackJob
 
 from . import analysis, runfolder
@@ -57,9 +57,42 @@ class NetworkResult:
     replicate: int
     status: str
     final_test_loss: float | None
+    """The last test loss."""
     step: int
+    """The step the network stopped at (converged, capped, diverged, pruned)."""
     reason: str
     wall_s: float
+    final_loss_mean: float | None = None
+    """Mean test loss over the final window: the network's result."""
+    final_loss_se: float | None = None
+    """Its standard error (serial correlation of the reports accounted for)."""
+    converged: bool | None = None
+    """The plateau test passed over the final window (None: recorded by an older version)."""
+    final_slope: float | None = None
+    """d log L / d log t over the final window."""
+    cap: int | None = None
+    """dynamics.steps when this was recorded (a sweep extended to more steps records again)."""
+
+    @property
+    def result_loss(self) -> float | None:
+        return self.final_loss_mean if self.final_loss_mean is not None else self.final_test_loss
+
+    def settled(self, steps: int) -> bool:
+        """Nothing left to train for a cap of ``steps``: it stopped for good (diverged, failed, pruned,
+        converged) or already trained that far."""
+        return (self.status != NetStatus.FINISHED.value or bool(self.converged) or self.cap is None
+                or self.cap >= steps)
+
+
+#: Config keys that ``mfsweep resume --set dynamics.steps=N`` changes (the quench grows with the cap).
+_EXTENSION_KEYS = ("dynamics.steps", "dynamics.birth_death.quench", "sweep.variants")
+
+
+def _point_json(r: NetworkResult) -> dict[str, Any]:
+    """A network's line in summary.json: its result (the final-window mean), how sure, and whether converged."""
+    return {"width": r.width, "seed": r.replicate, "test_loss": r.result_loss, "test_loss_se": r.final_loss_se,
+            "converged": r.converged, "stop_step": r.step, "final_slope": r.final_slope,
+            "last_test_loss": r.final_test_loss, "status": r.status}
 
 
 class Interrupted(RuntimeError):
@@ -102,7 +135,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_results(path: Path) -> dict[int, NetworkResult]:
-    """Results already recorded (first record of a network wins; a torn last line is ignored). A network
+    """Results already recorded: per network the record of the largest cap (the sweep may have been
+    extended), the first of equal caps (replays never record twice); a torn last line is ignored. A network
     that an earlier version failed because its workers were lost is not a result: it is trained again."""
     out: dict[int, NetworkResult] = {}
     if not path.exists():
@@ -114,7 +148,9 @@ def read_results(path: Path) -> dict[int, NetworkResult]:
             continue
         if rec.status == NetStatus.FAILED.value and is_infrastructure_reason(rec.reason):
             continue
-        out.setdefault(rec.net_id, rec)
+        old = out.get(rec.net_id)
+        if old is None or (rec.cap or -1) > (old.cap or -1):
+            out[rec.net_id] = rec
     return out
 
 
@@ -154,8 +190,12 @@ class ScalingSweep:
         self.sweep_key = state.get("sweep_key") or uuid.uuid4().hex
         self.networks = plan_networks(cfg)
         self.by_id: dict[int, NetworkPlan] = {n.net_id: n for n in self.networks}
+        self.variants = cfg.variant_configs()
+        self.cap = {name: v.dynamics.steps for name, v in self.variants}
+        """Step cap per variant (each network's dynamics.steps)."""
         self.results_path = out / "results.jsonl"
         self.results = read_results(self.results_path)
+        self._settled_count: int | None = None
         self.last_step: dict[int, int] = {}
         self._wait_said: float | None = None
         self.curves: dict[int, list[tuple[int, float]]] = {}
@@ -171,22 +211,33 @@ class ScalingSweep:
             params = {
                 "variant": net.variant, "width": sp.width, "replicate": net.replicate, "net_id": net_id,
                 "unit": v.model.unit.value, "parametrization": sp.parametrization.value,
-                "algorithm": v.dynamics.algorithm.value, "lr": sp.lr, "steps": v.dynamics.steps,
+                "algorithm": v.dynamics.algorithm.value, "lr": sp.lr,
                 "batch_size": v.dynamics.batch_size, "temperature": sp.temperature,
                 "bd_rate": sp.bd_rate, "bd_scheme": sp.bd_scheme.value, "task": v.task.kind.value,
                 "dim": v.task.dim,
             }
+            # The step cap is a tag, not a param: extending a sweep raises it, and MLflow params never change.
             run = self.tracker.start_child(self.parent, net.key, net.key, params,
-                                           {"mfsweep.key": net.key, "mfsweep.variant": net.variant})
+                                           {"mfsweep.key": net.key, "mfsweep.variant": net.variant,
+                                            "mfsweep.steps": str(v.dynamics.steps)})
             self.child[net_id] = run
         return run
+
+    def _settled(self, net_id: int) -> bool:
+        res = self.results.get(net_id)
+        return res is not None and res.settled(self.cap[self.by_id[net_id].variant])
+
+    def _n_settled(self) -> int:
+        if self._settled_count is None:
+            self._settled_count = sum(1 for n in self.results if self._settled(n))
+        return self._settled_count
 
     def _on_event(self, ev: PackEvent) -> None:
         rep = ev.report
         for m in rep.metrics:
             self._log_point(m, rep)
         for r in rep.retired:
-            self._record(r.net_id, r.status.value, r.final_test_loss, r.step, r.reason, ev.wall_s)
+            self._record(r, ev.wall_s)
 
     def _log_point(self, m: NetMetrics, rep: Report) -> None:
         prev = self.last_step.get(m.net_id, -1)
@@ -199,35 +250,61 @@ class ScalingSweep:
         self.tracker.log_metrics(self._child(m.net_id), rep.values(m), m.step)
         self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
 
-    def _record(self, net_id: int, status: str, loss: float | None, step: int, reason: str, wall: float) -> None:
-        if net_id in self.results:
-            return
+    def _record(self, r: Retired, wall: float) -> None:
+        old = self.results.get(r.net_id)
+        if old is not None and (self._settled(r.net_id) or r.step <= old.step):
+            return  # recorded already (a replay after a restart, or the old cap's record of an extended run)
+        net = self.by_id[r.net_id]
+        est = r.estimate
+        res = NetworkResult(
+            r.net_id, net.key, net.variant, net.spec.width, net.replicate, r.status.value, r.final_test_loss,
+            r.step, r.reason, round(wall, 3),
+            final_loss_mean=None if est is None else est.mean, final_loss_se=None if est is None else est.se,
+            converged=None if est is None else est.converged, final_slope=None if est is None else est.slope,
+            cap=self.cap[net.variant])
+        self._write(res)
+        # Early stops (converged, diverged, pruned) complete their share of the progress bar.
+        cap = self.cap[net.variant]
+        self._advance(net.spec.width * max(0, cap - max(r.step, self.last_step.get(r.net_id, 0))))
+
+    def _fail(self, net_id: int, reason: str) -> None:
         net = self.by_id[net_id]
-        res = NetworkResult(net_id, net.key, net.variant, net.spec.width, net.replicate, status,
-                            loss, step, reason, round(wall, 3))
+        self._write(NetworkResult(net_id, net.key, net.variant, net.spec.width, net.replicate,
+                                  NetStatus.FAILED.value, None, self.last_step.get(net_id, 0), reason, 0.0,
+                                  cap=self.cap[net.variant]))
+
+    def _write(self, res: NetworkResult) -> None:
         with self.results_path.open("a") as fh:  # append + fsync: a finished network is never lost
             fh.write(json.dumps(asdict(res)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self.results[net_id] = res
+        before = self._settled(res.net_id)
+        self.results[res.net_id] = res
+        if self._settled_count is not None and self._settled(res.net_id) and not before:
+            self._settled_count += 1
         self._finalize_run(res)
         self._advance(0.0)
 
     def _finalize_run(self, res: NetworkResult) -> None:
         """Final metrics, tags and status of a network's child run (idempotent)."""
         run = self._child(res.net_id)
-        final = {"wall_time_s": res.wall_s, "final_step": float(res.step)}
-        if res.final_test_loss is not None:
-            final["final_test_loss"] = res.final_test_loss
+        final = {"wall_time_s": res.wall_s, "final_step": float(res.step), "stop_step": float(res.step)}
+        for key in ("final_test_loss", "final_loss_mean", "final_loss_se", "final_slope"):
+            value = getattr(res, key)
+            if value is not None:
+                final[key] = value
         self.tracker.log_metrics(run, final, res.step)
-        self.tracker.set_tags(run, {"mfsweep.status": res.status, "mfsweep.reason": res.reason[:500]})
+        tags = {"mfsweep.status": res.status, "mfsweep.reason": res.reason[:500]}
+        if res.converged is not None:
+            tags["mfsweep.converged"] = str(res.converged).lower()
+        self.tracker.set_tags(run, tags)
         self.tracker.end_run(run, "FINISHED" if res.status == NetStatus.FINISHED.value else "FAILED")
 
     def _reconcile(self, jobs: list[PackJob]) -> None:
         """After a crash, re-send what durable records hold for packs that will not run again (their
         checkpointed reports, their results), so MLflow ends complete; the tracker drops duplicates."""
         for job in jobs:
-            if not all(sp.net_id in self.results for sp in job.networks):
+            if not all(self._settled(sp.net_id) for sp in job.networks):
                 continue  # a pack that runs again replays its own history
             if job.checkpoint and Path(job.checkpoint).exists():
                 for rep in Pack.read_history(job.checkpoint):
@@ -248,10 +325,19 @@ class ScalingSweep:
                                f"{self.cfg.execution.wait_for_workers_s:.0f} s)")
             self._wait_said = waited
 
+    def _extended(self, jobs: list[PackJob]) -> list[PackJob]:
+        """The jobs with their networks' current step cap (``mfsweep resume DIR --set dynamics.steps=N``
+        raises it; the pack then continues from its checkpoint)."""
+        out = []
+        for job in jobs:
+            dyn = dict(self.variants)[self.by_id[job.networks[0].net_id].variant].dynamics.spec()
+            out.append(job if dyn.steps == job.dynamics.steps else replace(job, dynamics=dyn))
+        return out
+
     def _advance(self, amount: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task_id, advance=amount,
-                                  networks=f"{len(self.results)}/{len(self.networks)}")
+                                  networks=f"{self._n_settled()}/{len(self.networks)}")
 
     # ------------------------------------------------------------------ run
     def _open_tracking(self) -> None:
@@ -260,9 +346,12 @@ class ScalingSweep:
 
         cfg = self.cfg
         self.tracker = Tracker(self.tracking_uri, cfg.name)
+        params = _flatten(cfg.model_dump(mode="json"))
+        # What extending a sweep changes goes into tags (MLflow params never change).
+        moving = {f"config.{k}": str(params.pop(k)) for k in _EXTENSION_KEYS if k in params}
         self.parent = self.tracker.start_parent(
-            self.out.name, _flatten(cfg.model_dump(mode="json")),
-            {"mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
+            self.out.name, params,
+            {**moving, "mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
              "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
              "mfsweep.driver_host": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
              **{f"version.{k}": v for k, v in _versions().items()}})
@@ -282,10 +371,9 @@ class ScalingSweep:
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         ex = cfg.execution
-        self.variants = cfg.variant_configs()
         self._progress: Progress | None = None
         plan_path = self.out / "plan.json"
-        todo = [n for n in self.networks if n.net_id not in self.results]
+        todo = [n for n in self.networks if not self._settled(n.net_id)]
         stop = threading.Event()
         failures: list[JobFailure] = []
         pool: Pool | None = None
@@ -302,12 +390,13 @@ class ScalingSweep:
                 self._reconcile(load_jobs(plan_path))
             if pool is not None:
                 if plan_path.exists():
-                    jobs = [j for j in load_jobs(plan_path)
-                            if any(sp.net_id not in self.results for sp in j.networks)]
+                    planned = self._extended(load_jobs(plan_path))
+                    save_jobs(planned, plan_path)
+                    jobs = [j for j in planned if any(not self._settled(sp.net_id) for sp in j.networks)]
                 else:
                     jobs = plan_packs(cfg, self.networks, n_workers=pool.plan_workers,
                                       memory_bytes=pool.memory_bytes, checkpoint_dir=self.out / "checkpoints",
-                                      skip=set(self.results))
+                                      skip={n for n in self.by_id if self._settled(n)})
                     save_jobs(jobs, plan_path)
                 self.console.print(
                     f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
@@ -318,7 +407,7 @@ class ScalingSweep:
                     "mfsweep.worker_nodes": str(len({w.node for w in pool.workers})),
                     "mfsweep.worker_device_names": ", ".join(sorted({w.device for w in pool.workers}))})
                 total = float(sum(self.by_id[sp.net_id].spec.width * j.dynamics.steps
-                                  for j in jobs for sp in j.networks if sp.net_id not in self.results))
+                                  for j in jobs for sp in j.networks if not self._settled(sp.net_id)))
                 progress = Progress(
                     TextColumn("[progress.description]{task.description}"), BarColumn(),
                     TextColumn("{task.fields[networks]} networks"), TextColumn("{task.percentage:>3.0f}%"),
@@ -327,7 +416,7 @@ class ScalingSweep:
                 with progress, _stop_on_signals(stop):
                     self._progress = progress
                     self._task_id = progress.add_task(
-                        "training", total=total, networks=f"{len(self.results)}/{len(self.networks)}")
+                        "training", total=total, networks=f"{self._n_settled()}/{len(self.networks)}")
                     try:
                         failures = pool.run(jobs, self._on_event, stop, on_wait=self._on_wait)
                     except WorkersLost as err:
@@ -338,12 +427,12 @@ class ScalingSweep:
                 pool = None
                 for f in failures:  # a pack's own failure (lost workers never end up here)
                     for sp in f.job.networks:
-                        self._record(sp.net_id, NetStatus.FAILED.value, None, self.last_step.get(sp.net_id, 0),
-                                     f.reason, 0.0)
+                        if not self._settled(sp.net_id):
+                            self._fail(sp.net_id, f.reason)
                 if stop.is_set():
                     self.tracker.flush()
                     raise Interrupted(
-                        f"interrupted with {len(self.results)}/{len(self.networks)} networks done; "
+                        f"interrupted with {self._n_settled()}/{len(self.networks)} networks done; "
                         f"resume with: mfsweep resume {self.out}")
             summary = self._finish()
         finally:
@@ -361,31 +450,26 @@ class ScalingSweep:
 
     # ------------------------------------------------------------------ analysis
     def _finish(self) -> dict[str, Any]:
-        per_variant: dict[str, tuple[list[analysis.Point], analysis.Fit | None]] = {}
+        analyses: dict[str, analysis.VariantAnalysis] = {}
         out_variants = []
         for name, _ in self.variants:
-            pts = [analysis.Point(r.width, r.replicate, r.final_test_loss, r.status)
-                   for r in sorted(self.results.values(), key=lambda r: r.net_id) if r.variant == name]
-            try:
-                fit: analysis.Fit | None = analysis.fit_scaling(pts, seed=self.cfg.sweep.seed)
-            except ValueError as err:
-                self.console.print(f"[yellow]{name}: no fit ({err})[/]")
-                fit = None
-            per_variant[name] = (pts, fit)
+            recs = [r for r in sorted(self.results.values(), key=lambda r: r.net_id) if r.variant == name]
+            pts = [analysis.Point(r.width, r.replicate, r.result_loss, r.status, se=r.final_loss_se,
+                                  converged=r.converged) for r in recs]
+            a = analyses[name] = analysis.analyse(pts, seed=self.cfg.sweep.seed)
+            law = a.power  # the exponent is the converged points' fit: the long-time law or nothing
             out_variants.append({
                 "name": name,
-                "exponent": fit.exponent if fit else None,
-                "exponent_ci95": list(fit.exponent_ci95) if fit else None,
-                "prefactor": fit.prefactor if fit else None,
-                "r2": fit.r2 if fit else None,
-                "points": [{"width": p.width, "seed": p.seed, "test_loss": p.test_loss, "status": p.status}
-                           for p in pts],
+                "exponent": law.exponent if law else None,
+                "exponent_ci95": list(law.exponent_ci95) if law else None,
+                "prefactor": law.prefactor if law else None,
+                "r2": law.r2 if law else None,
+                **a.to_json(),
+                "points": [_point_json(r) for r in recs],
             })
-            if fit is not None:
-                self.tracker.log_metrics(self.parent, {
-                    f"{name}.exponent": fit.exponent, f"{name}.exponent_ci95_lo": fit.exponent_ci95[0],
-                    f"{name}.exponent_ci95_hi": fit.exponent_ci95[1], f"{name}.prefactor": fit.prefactor,
-                    f"{name}.r2": fit.r2}, 0)
+            self.tracker.log_metrics(self.parent, _parent_metrics(name, a), 0)
+            self.tracker.set_tags(self.parent, {f"mfsweep.regime.{name}": a.regime or "none",
+                                                f"mfsweep.verdict.{name}": a.verdict()[:500]})
         summary = {
             "sweep": self.cfg.name,
             "variants": out_variants,
@@ -394,9 +478,9 @@ class ScalingSweep:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
         artifacts = [self.out / "summary.json"]
-        if any(f is not None for _, f in per_variant.values()):
-            artifacts.append(analysis.plot_scaling(per_variant, self.out / "scaling.png",
-                                                   f"{self.cfg.name}: final test loss vs width"))
+        if any(a.n_points for a in analyses.values()):
+            artifacts.append(analysis.plot_scaling(analyses, self.out / "scaling.png",
+                                                   f"{self.cfg.name}: test loss vs width"))
         curves = self._mean_curves()
         if curves:
             artifacts.append(analysis.plot_curves(curves, self.out / "curves.png",
@@ -405,7 +489,7 @@ class ScalingSweep:
         for path in artifacts:
             self.tracker.log_artifact(self.parent, path)
         self.tracker.end_run(self.parent, "FINISHED")
-        self._print_table(per_variant)
+        self._print_table(analyses)
         return summary
 
     def _mean_curves(self) -> dict[str, list[tuple[int, float]]]:
@@ -419,26 +503,58 @@ class ScalingSweep:
                     acc.setdefault(label, {}).setdefault(step, []).append(val)
         return {k: sorted((s, sum(v) / len(v)) for s, v in d.items()) for k, d in acc.items()}
 
-    def _print_table(self, per_variant: dict[str, tuple[list[analysis.Point], analysis.Fit | None]]) -> None:
-        """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits."""
-        table = Table(title=f"{self.cfg.name}: final test loss", caption="mean over seeds; fit: loss ~ width^exponent")
+    def _print_table(self, analyses: dict[str, analysis.VariantAnalysis]) -> None:
+        """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits, then
+        what they mean in words, and how to continue a sweep whose points have not converged."""
+        table = Table(title=f"{self.cfg.name}: test loss by width",
+                      caption="mean over seeds of each network's final-window mean; (k/m conv.): converged "
+                              "networks of m. exponent: loss ~ width^exponent on converged points (theory: -1 "
+                              "at long times)")
         table.add_column("width", justify="right")
-        for name in per_variant:
+        for name in analyses:
             table.add_column(name, justify="right")
         for w in self.cfg.sweep.widths:
             row = [str(w)]
-            for pts, _ in per_variant.values():
-                vals = [p.test_loss for p in pts if p.width == w and p.status == "finished"
-                        and p.test_loss is not None]
-                bad = sum(1 for p in pts if p.width == w and p.status != "finished")
-                cell = f"{sum(vals) / len(vals):.3g}" if vals else "-"
-                row.append(cell + (f" ({bad} failed)" if bad else ""))
+            for a in analyses.values():
+                pts = [p for p in a.points if p.width == w]
+                vals = [p.test_loss for p in pts if p.status == "finished" and p.test_loss is not None]
+                conv = sum(1 for p in pts if p.converged)
+                bad = sum(1 for p in pts if p.status != "finished")
+                cell = f"{sum(vals) / len(vals):.3g} ({conv}/{len(pts)} conv.)" if vals else "-"
+                row.append(cell + (f" ({bad} not finished)" if bad else ""))
             table.add_row(*row)
-        fits = []
-        for _, fit in per_variant.values():
-            fits.append(f"{fit.exponent:+.2f} [{fit.exponent_ci95[0]:+.2f}, {fit.exponent_ci95[1]:+.2f}]"
-                        if fit is not None else "-")
         table.add_section()
-        table.add_row("exponent", *fits)
-        table.add_row("R²", *[f"{fit.r2:.2f}" if fit is not None else "-" for _, fit in per_variant.values()])
-        Console().print(table)
+        table.add_row("exponent", *[_fit_cell(a.power) for a in analyses.values()])
+        table.add_row("all points", *[_fit_cell(a.power_all) for a in analyses.values()])
+        table.add_row("regime", *[a.regime or "-" for a in analyses.values()])
+        console = Console()
+        console.print(table)
+        for name, a in analyses.items():
+            console.print(f"[bold]{name}[/]: {a.verdict()}", soft_wrap=True, highlight=False)
+        n = sum(a.n_points for a in analyses.values())
+        conv = sum(a.n_converged for a in analyses.values())
+        if n and conv < n / 2:
+            steps = max(self.cap.values()) * 4
+            console.print(f"[yellow]{n - conv} of {n} networks have not converged, so the exponents above are not "
+                          f"the long-time law; continue the sweep with: mfsweep resume {self.out} "
+                          f"--set dynamics.steps={steps}[/]", soft_wrap=True, highlight=False)
+
+
+def _fit_cell(fit: analysis.Fit | None) -> str:
+    if fit is None:
+        return "-"
+    lo, hi = fit.exponent_ci95
+    return f"{fit.exponent:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _parent_metrics(name: str, a: analysis.VariantAnalysis) -> dict[str, float]:
+    """The parent run's per-variant numbers (MLflow metrics hold no None)."""
+    out = {f"{name}.n_points": float(a.n_points), f"{name}.n_converged": float(a.n_converged)}
+    for prefix, fit in ((name, a.power), (f"{name}.all_points", a.power_all)):
+        if fit is not None:
+            out.update({f"{prefix}.exponent": fit.exponent, f"{prefix}.exponent_ci95_lo": fit.exponent_ci95[0],
+                        f"{prefix}.exponent_ci95_hi": fit.exponent_ci95[1], f"{prefix}.prefactor": fit.prefactor,
+                        f"{prefix}.r2": fit.r2})
+    if a.floor is not None:
+        out.update({f"{name}.floor.alpha": a.floor.alpha, f"{name}.floor.l_inf": a.floor.l_inf})
+    return {k: v for k, v in out.items() if math.isfinite(v)}

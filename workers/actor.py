@@ -71,6 +71,7 @@ class PackRunner:
         ck = Path(job.checkpoint) if job.checkpoint else None
         if ck is not None and ck.exists():
             pack = Pack.load(ck, device=self.device, kernel=job.kernel, precision=job.precision)
+            pack.extend(job.dynamics)  # a finished sweep continued to more steps (mfsweep resume --set)
         else:
             pack = Pack(job.task, job.model, job.dynamics, job.networks, data_seed=job.data_seed,
                         device=self.device, dtype=getattr(torch, job.dtype), kernel=job.kernel,

@@ -24,6 +24,7 @@ from .specs import (
     DynamicsSpec,
     InitSpec,
     InputDist,
+    LrSchedule,
     Measure,
     ModelSpec,
     NetStatus,
@@ -31,12 +32,14 @@ from .specs import (
     Parametrization,
     RateConvention,
     Scheme,
+    StopRule,
     TaskKind,
     TaskSpec,
     Unit,
     from_dict,
     to_dict,
 )
+from .stopping import Estimate
 from .tasks import EXAMPLE_A, Task, gaussian_overlap, make_task
 
 __all__ = [
@@ -45,8 +48,10 @@ __all__ = [
     "Component",
     "DataStream",
     "DynamicsSpec",
+    "Estimate",
     "InitSpec",
     "InputDist",
+    "LrSchedule",
     "Measure",
     "ModelSpec",
     "NetMetrics",
@@ -59,6 +64,7 @@ __all__ = [
     "Resampling",
     "Retired",
     "Scheme",
+    "StopRule",
     "Task",
     "TaskKind",
     "TaskSpec",

@@ -15,6 +15,7 @@ potential V_i = c_i . E[(f_n - f) phi_i] of the same batch, evaluated before the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,20 +28,24 @@ import torch
 
 from . import birth_death, kernels
 from .rng import DATA_STREAM, NETWORK_STREAM, derive_seed, generator
+from .schedule import lr_factor
 from .specs import (
     Algorithm,
     DynamicsSpec,
     ModelSpec,
     NetStatus,
     NetworkSpec,
+    LrSchedule,
     Parametrization,
     RateConvention,
     Scheme,
+    StopRule,
     TaskSpec,
     Unit,
     from_dict,
     to_dict,
 )
+from .stopping import Estimate, Window
 from .tasks import GaussianMixtureTask, Task, make_task
 
 Tensor = torch.Tensor
@@ -67,6 +72,15 @@ class Retired:
     status: NetStatus
     reason: str
     final_test_loss: float | None
+    """The last test loss."""
+    estimate: Estimate | None = None
+    """The final-window estimate (mean, standard error, slope, converged); None for diverged, pruned and
+    failed networks."""
+
+    @property
+    def result_loss(self) -> float | None:
+        """The network's result: the final-window mean where there is one, else the last test loss."""
+        return self.estimate.mean if self.estimate is not None else self.final_test_loss
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,8 @@ def report_to_json(rep: Report) -> dict[str, Any]:
     return {
         "step": rep.step, "done": rep.done,
         "metrics": [[m.net_id, m.step, m.train_loss, m.test_loss] for m in rep.metrics],
-        "retired": [[r.net_id, r.step, r.status.value, r.reason, r.final_test_loss] for r in rep.retired],
+        "retired": [[r.net_id, r.step, r.status.value, r.reason, r.final_test_loss, _estimate_json(r.estimate)]
+                    for r in rep.retired],
         "bd": [[k, v[0], v[1]] for k, v in rep.bd_events.items()],
     }
 
@@ -104,9 +119,18 @@ def report_from_json(d: dict[str, Any]) -> Report:
     return Report(
         step=d["step"], done=d["done"],
         metrics=tuple(NetMetrics(*m) for m in d["metrics"]),
-        retired=tuple(Retired(r[0], r[1], NetStatus(r[2]), r[3], r[4]) for r in d["retired"]),
+        retired=tuple(Retired(r[0], r[1], NetStatus(r[2]), r[3], r[4], _estimate_from(r[5] if len(r) > 5 else None))
+                      for r in d["retired"]),
         bd_events={k: (a, b) for k, a, b in d["bd"]},
     )
+
+
+def _estimate_json(est: Estimate | None) -> dict[str, Any] | None:
+    return None if est is None else dataclasses.asdict(est)
+
+
+def _estimate_from(d: dict[str, Any] | None) -> Estimate | None:
+    return None if d is None else Estimate(**d)
 
 
 def uses_exact_energy(task: Task, model: ModelSpec, dynamics: DynamicsSpec) -> bool:
@@ -220,6 +244,21 @@ class _Group:
         sel = (lambda t: t) if self.bd_idx is None else (lambda t: t[self.bd_idx])
         self.bd_alpha, self.bd_dt, self.bd_prior = sel(self.alpha), sel(self.dt), sel(self.prior)
         self.bd_any_prior = any(self.specs[r].bd_scheme is Scheme.PRIOR for r in self.bd_rows)
+        # The vectors at dt itself; a step-size schedule scales copies of them (set_factor).
+        self._base = (self.raw_lr, self.move, self.noise, self.bd_dt)
+        self.factor = 1.0
+
+    def set_factor(self, factor: float) -> None:
+        """Scale every dt-dependent vector to dt(t) = factor * dt (exact: always from the unscaled vectors)."""
+        if factor == self.factor:
+            return
+        raw_lr, move, noise, bd_dt = self._base
+        if factor == 1.0:
+            self.raw_lr, self.move, self.noise, self.bd_dt = raw_lr, move, noise, bd_dt
+        else:
+            self.raw_lr, self.move, self.bd_dt = raw_lr * factor, move * factor, bd_dt * factor
+            self.noise = noise * math.sqrt(factor)
+        self.factor = factor
 
     @property
     def ids(self) -> list[int]:
@@ -282,6 +321,11 @@ class Pack:
         self._steps_since_report = 0
         self.history: list[Report] = []
         """Every report so far (kept in checkpoints, so a restarted pack can replay what it reported)."""
+        self.windows: dict[int, Window] = {sp.net_id: Window() for sp in networks}
+        """Each running network's final-window reports (bounded: the stopping rule's window)."""
+        self.capped: set[int] = set()
+        """Networks that reached the step cap: retired (reported) but kept in their group, so a checkpoint
+        holds their particles and the run can be extended to more steps (:meth:`extend`)."""
         self.groups: list[_Group] = []
         by_width: dict[int, list[NetworkSpec]] = {}
         for sp in networks:
@@ -298,7 +342,7 @@ class Pack:
     # ------------------------------------------------------------------ queries
     @property
     def running(self) -> list[int]:
-        return [i for g in self.groups for i in g.ids]
+        return [i for g in self.groups for i in g.ids if i not in self.capped]
 
     @property
     def kernel(self) -> str:
@@ -307,7 +351,7 @@ class Pack:
 
     @property
     def done(self) -> bool:
-        return not self.groups
+        return not self.groups or self.step >= self.dynamics.steps
 
     def _locate(self, net_id: int) -> tuple[_Group, int]:
         for g in self.groups:
@@ -495,7 +539,9 @@ class Pack:
         """One step of every running network."""
         batch = self.data.next()
         bd_now = self._bd_active()
+        factor = lr_factor(self.dynamics, self.step)
         for g in self.groups:
+            g.set_factor(factor)
             if batch is None:
                 loss, potential = self._exact_step(g)
             else:
@@ -540,17 +586,73 @@ class Pack:
         return out
 
     # ------------------------------------------------------------------ life cycle
-    def retire(self, net_id: int, status: NetStatus, reason: str, final_test_loss: float | None = None) -> None:
+    def retire(self, net_id: int, status: NetStatus, reason: str, final_test_loss: float | None = None,
+               estimate: Estimate | None = None) -> None:
         """Remove a running network; its pack-mates are untouched."""
+        self._drop(net_id)
+        self._record(Retired(net_id, self.step, status, reason, final_test_loss, estimate))
+
+    def _drop(self, net_id: int) -> None:
         g, r = self._locate(net_id)
         g.keep([i for i in range(len(g.specs)) if i != r])
         self.groups = [gg for gg in self.groups if gg.specs]
-        rec = Retired(net_id, self.step, status, reason, final_test_loss)
-        self.retired[net_id] = rec
+        self.windows.pop(net_id, None)
+
+    def _record(self, rec: Retired) -> None:
+        self.retired[rec.net_id] = rec
         self._pending.append(rec)
 
+    def _estimate(self, net_id: int) -> Estimate | None:
+        d = self.dynamics
+        return self.windows[net_id].estimate(window=d.stop_window, rel_tol=d.stop_rel_tol, z=d.stop_z)
+
+    def _stop(self, last: dict[int, float]) -> None:
+        """Retire networks whose test loss is stationary (plateau rule); at the cap, retire every running
+        network with its final-window estimate, keeping its particles (see :attr:`capped`)."""
+        d = self.dynamics
+        if self.step >= d.steps:
+            for nid in self.running:
+                est = self._estimate(nid)
+                verdict = "converged" if est is not None and est.converged else "not converged"
+                self._record(Retired(nid, self.step, NetStatus.FINISHED, f"step cap reached ({verdict})",
+                                     last[nid], est))
+                self.capped.add(nid)
+        elif d.stop_rule is StopRule.PLATEAU and self.step >= d.stop_min_steps:
+            for nid in self.running:
+                est = self._estimate(nid)
+                if est is not None and est.converged:
+                    self.retire(nid, NetStatus.FINISHED, f"converged at step {self.step}", last[nid], est)
+
+    def extend(self, dynamics: DynamicsSpec) -> None:
+        """Raise the step cap to ``dynamics.steps``: networks that reached the old cap without converging train
+        on, exactly as if the cap had been the new one all along; those that had converged leave. Only the cap
+        and a quench that grows with it (birth-death ends at the same step) may differ."""
+        d = self.dynamics
+        if dynamics == d:
+            return
+        same = dataclasses.replace(dynamics, steps=d.steps, bd_quench=d.bd_quench) == d
+        # Birth-death that ran to the end goes on; one that stopped (a quench) stops where it stopped.
+        bd_end_kept = (dynamics.bd_quench == 0 if d.bd_quench == 0
+                       else dynamics.steps - dynamics.bd_quench == d.steps - d.bd_quench)
+        if not same or dynamics.steps < d.steps or not bd_end_kept:
+            raise ValueError("a checkpointed pack continues only with a larger dynamics.steps (and a quench grown "
+                             "by as much); its other dynamics settings cannot change")
+        if d.lr_schedule is LrSchedule.COSINE:
+            raise ValueError("a run with dynamics.lr_schedule.kind=cosine cannot be extended (the schedule "
+                             "depends on the total steps); start a new sweep with more dynamics.steps")
+        self.dynamics = dynamics
+        self.data.dynamics = self.dynamics
+        for nid in sorted(self.capped):
+            est = self.retired[nid].estimate
+            if est is not None and est.converged:
+                self._drop(nid)
+            else:
+                del self.retired[nid]
+        self.capped.clear()
+
     def report(self) -> Report:
-        """Losses of every running network now; retires diverged (and, at the end, finished) networks."""
+        """Losses of every running network now; retires diverged, converged (plateau rule) and, at the cap,
+        finished networks."""
         with torch.no_grad():
             metrics: list[NetMetrics] = []
             events: dict[int, tuple[int, int]] = {}
@@ -575,11 +677,11 @@ class Pack:
             for nid, worst in diverged:
                 self.retire(nid, NetStatus.DIVERGED,
                             f"loss {worst:.3g} at step {self.step} (lower dynamics.lr)", None)
-            finished = self.step >= self.dynamics.steps
-            if finished:
-                last = {m.net_id: m.test_loss for m in metrics}
-                for nid in list(self.running):
-                    self.retire(nid, NetStatus.FINISHED, "completed", last[nid])
+            gone = {nid for nid, _ in diverged}
+            for m in metrics:
+                if m.net_id not in gone:
+                    self.windows[m.net_id].add(m.step, m.test_loss, self.dynamics.stop_window)
+            self._stop({m.net_id: m.test_loss for m in metrics})
             rec = Report(self.step, tuple(metrics), tuple(self._pending), self.done, events)
             self._pending = []
             self.history.append(rec)
@@ -615,6 +717,8 @@ class Pack:
             ],
             "history": [report_to_json(r) for r in self.history],
             "pending": [rec.net_id for rec in self._pending],
+            "windows": {str(i): w.points for i, w in self.windows.items()},
+            "capped": sorted(self.capped),
         }
         groups = []
         for g in self.groups:
@@ -693,8 +797,14 @@ class Pack:
         self.retired = {}
         for rec in meta["retired"]:
             self.retired[rec["net_id"]] = Retired(
-                rec["net_id"], rec["step"], NetStatus(rec["status"]), rec["reason"], rec["final_test_loss"]
+                rec["net_id"], rec["step"], NetStatus(rec["status"]), rec["reason"], rec["final_test_loss"],
+                _estimate_from(rec.get("estimate")),
             )
+        running = {i for g in self.groups for i in g.ids}
+        self.windows = {int(i): Window(pts) for i, pts in meta.get("windows", {}).items() if int(i) in running}
+        for i in running - set(self.windows):
+            self.windows[i] = Window()
+        self.capped = set(meta.get("capped", []))
         # Retirements not yet reported when the checkpoint was taken still go out with the next report.
         self._pending = [self.retired[i] for i in meta.get("pending", [])]
 

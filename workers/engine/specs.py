@@ -59,6 +59,23 @@ class RateConvention(str, enum.Enum):
     PER_STEP = "per_step"
 
 
+class StopRule(str, enum.Enum):
+    """When a network stops. ``fixed``: at ``steps``. ``plateau``: as soon as its test loss is stationary over
+    the final window (see :mod:`.stopping`), ``steps`` being the cap."""
+
+    FIXED = "fixed"
+    PLATEAU = "plateau"
+
+
+class LrSchedule(str, enum.Enum):
+    """Factor on dt at step t: ``constant`` 1; ``inverse_time`` max(floor, 1 / (1 + t / decay_steps));
+    ``cosine`` floor + (1 - floor) (1 + cos(pi t / steps)) / 2."""
+
+    CONSTANT = "constant"
+    INVERSE_TIME = "inverse_time"
+    COSINE = "cosine"
+
+
 class InputDist(str, enum.Enum):
     GAUSSIAN = "gaussian"
     SPHERE = "sphere"
@@ -227,10 +244,29 @@ class DynamicsSpec:
     bd_convention: RateConvention = RateConvention.PER_TIME
     diverge_threshold: float = 1e8
     """A network whose loss is non-finite or above this is retired as diverged."""
+    stop_rule: StopRule = StopRule.FIXED
+    stop_window: int = 1000
+    """Steps of the final window (the estimate and the plateau test; at most the last half of the run)."""
+    stop_rel_tol: float = 0.02
+    """Plateau: the upper confidence bound of the relative decrease over the window must be below this."""
+    stop_z: float = 2.0
+    """Plateau: that bound is this many standard errors above the measured decrease (one-sided)."""
+    stop_min_steps: int = 0
+    """Plateau: no network stops before this step."""
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
+    lr_decay_steps: float = 1000.0
+    """inverse_time: dt halves after this many steps."""
+    lr_floor: float = 0.0
+    """Smallest factor on dt (inverse_time, cosine)."""
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
         _require(self.steps >= 1, f"dynamics.steps must be >= 1, got {self.steps}")
+        _require(self.stop_window >= 1, f"dynamics.stop.window must be >= 1, got {self.stop_window}")
+        _require(self.stop_rel_tol > 0, f"dynamics.stop.rel_tol must be > 0, got {self.stop_rel_tol}")
+        _require(self.stop_z >= 0, f"dynamics.stop.confidence must be >= 0, got {self.stop_z}")
+        _require(self.lr_decay_steps > 0, f"dynamics.lr_schedule.decay_steps must be > 0, got {self.lr_decay_steps}")
+        _require(0 <= self.lr_floor <= 1, f"dynamics.lr_schedule.floor must be in [0, 1], got {self.lr_floor}")
         _require(self.batch_size >= 1, f"dynamics.batch_size must be >= 1, got {self.batch_size}")
         _require(self.eval_every >= 1, f"dynamics.eval_every must be >= 1, got {self.eval_every}")
         _require(self.bd_every >= 1, f"dynamics.birth_death.every must be >= 1, got {self.bd_every}")

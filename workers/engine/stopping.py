@@ -1,0 +1,140 @@
+"""Stationarity of a network's test loss: the final-window estimate and the plateau test.
+
+The 1/n law is a long-time law, so each network's result says whether it reached stationarity. At every
+report a network's test loss joins its *window*: the reports of the last ``window`` steps, and never more
+than the last half of the run so far (so a short run's mean is not dragged up by its early, falling losses).
+Over the window:
+
+* the result is the **mean** of the test loss with its **standard error**, the latter corrected for the
+  serial correlation of successive reports (SGD's noise floor wanders slowly): n_eff = m (1 - r) / (1 + r)
+  with r the lag-1 autocorrelation, clipped to [0, 0.9];
+* the **plateau test**: the least-squares slope b of log L against the step t, with its standard error
+  (residuals, same correction), gives the relative decrease per window D = -b W (W = ``window`` steps, also
+  while the run is young and its window shorter). The network is converged when even the upper confidence
+  bound of that decrease, (-b + z SE(b)) W, is below ``rel_tol``: a curve must *show* that it stopped falling,
+  so noise alone rarely stops a network that is still decreasing by more than the tolerance (the test is
+  one-sided at z standard errors);
+* the **final slope** d log L / d log t (least squares against log t), the quantity the theory's long-time
+  regime is about, reported for every network.
+
+Everything here is plain Python on a few dozen numbers: it runs per report, on the driver's data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+TINY = 1e-300
+#: Fewest reports in a window for the plateau test (and the standard error) to be meaningful.
+MIN_POINTS = 10
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A network's result over its final window."""
+
+    mean: float
+    """Mean test loss over the window."""
+    se: float | None
+    """Standard error of ``mean`` (autocorrelation-corrected); None with a single point."""
+    slope: float | None
+    """d log L / d log t over the window (None with fewer than 2 points or t = 0)."""
+    converged: bool
+    """The plateau test passed (see the module docstring)."""
+    n_points: int
+    """Reports in the window."""
+    start: int
+    """First step of the window."""
+
+
+def window_start(step: int, window: int) -> int:
+    """First step of the window ending at ``step``: the last ``window`` steps, at most the last half."""
+    return max(step - window, (step + 1) // 2)
+
+
+def _lag1(values: Sequence[float]) -> float:
+    """Lag-1 autocorrelation clipped to [0, 0.9] (0 for fewer than 3 values)."""
+    m = len(values)
+    if m < 3:
+        return 0.0
+    mu = sum(values) / m
+    dev = [v - mu for v in values]
+    den = sum(d * d for d in dev)
+    if den <= 0:
+        return 0.0
+    num = sum(dev[i] * dev[i + 1] for i in range(m - 1))
+    return min(0.9, max(0.0, num / den))
+
+
+def _ols(x: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
+    """(slope, standard error of the slope, corrected for lag-1 correlation of residuals); None if x is
+    constant or there are fewer than 3 points."""
+    m = len(x)
+    if m < 3:
+        return None
+    xm, ym = sum(x) / m, sum(y) / m
+    sxx = sum((a - xm) ** 2 for a in x)
+    if sxx <= 0:
+        return None
+    b = sum((a - xm) * (c - ym) for a, c in zip(x, y, strict=True)) / sxx
+    res = [c - ym - b * (a - xm) for a, c in zip(x, y, strict=True)]
+    s2 = sum(r * r for r in res) / (m - 2)
+    rho = _lag1(res)
+    se = math.sqrt(s2 / sxx * (1 + rho) / (1 - rho))
+    return b, se
+
+
+def estimate(points: Sequence[tuple[int, float]], *, window: int, rel_tol: float, z: float) -> Estimate | None:
+    """The window estimate of ``points`` ((step, test loss), ascending steps, already cut to the window of
+    ``window`` steps); None when there is no finite point."""
+    pts = [(t, v) for t, v in points if math.isfinite(v)]
+    if not pts:
+        return None
+    m = len(pts)
+    vals = [v for _, v in pts]
+    mean = sum(vals) / m
+    se: float | None = None
+    if m >= 2:
+        var = sum((v - mean) ** 2 for v in vals) / (m - 1)
+        rho = _lag1(vals)
+        n_eff = max(1.0, m * (1 - rho) / (1 + rho))
+        se = math.sqrt(var / n_eff)
+    logs = [math.log(max(v, TINY)) for v in vals]
+    steps = [float(t) for t, _ in pts]
+    slope = None
+    pos = [(math.log(t), y) for t, y in zip(steps, logs, strict=True) if t > 0]
+    if len(pos) >= 2:
+        lx = [a for a, _ in pos]
+        ly = [c for _, c in pos]
+        xm, ym = sum(lx) / len(lx), sum(ly) / len(ly)
+        sxx = sum((a - xm) ** 2 for a in lx)
+        if sxx > 0:
+            slope = sum((a - xm) * (c - ym) for a, c in zip(lx, ly, strict=True)) / sxx
+    converged = False
+    # The test needs a window of at least half its length (the run is >= ``window`` steps old) and enough
+    # reports: SGD's floor wanders slowly, and a short window cannot tell a wander from a trend.
+    fit = _ols(steps, logs) if m >= MIN_POINTS and pts[-1][0] >= window else None
+    if fit is not None:
+        b, se_b = fit
+        converged = (-b + z * se_b) * window < rel_tol
+    return Estimate(mean=mean, se=se, slope=slope, converged=converged, n_points=m, start=pts[0][0])
+
+
+class Window:
+    """The (step, test loss) reports of one network inside its current window (bounded memory)."""
+
+    def __init__(self, points: Sequence[tuple[int, float]] = ()) -> None:
+        self.points: list[tuple[int, float]] = [(int(t), float(v)) for t, v in points]
+
+    def add(self, step: int, loss: float, window: int) -> None:
+        self.points.append((step, loss))
+        first = window_start(step, window)
+        self.points = [(t, v) for t, v in self.points if t >= first]
+
+    def estimate(self, *, window: int, rel_tol: float, z: float) -> Estimate | None:
+        return estimate(self.points, window=window, rel_tol=rel_tol, z=z)
+
+
+__all__ = ["MIN_POINTS", "Estimate", "Window", "estimate", "window_start"]
