@@ -14,6 +14,9 @@ on fresh seeds (``search.reeval``, the pick becomes the lowest mean) and at larg
 (``search.fidelity``).
 
 Choices worth knowing:
+    * A trial's value is its network's result: the mean test loss over its final window (docs/convergence.md),
+      not the last evaluation, which under SGD is one draw from the noise floor. With
+      ``dynamics.stop.rule: plateau`` a trial also ends as soon as its loss is stationary.
     * A diverged network (non-finite or huge loss) makes its trial FAIL with the reason in the user attr
       ``mfsweep.reason``; a large made-up value would distort the sampler's model of the loss surface.
     * Every trial trains from the same initial stream and data stream (``search.seed``): trials differ only
@@ -688,10 +691,10 @@ class SearchRun:
             state, reason = TrialState.PRUNED, f"pruned at step {lv.prune_at or (r.step if r else 0)}"
         elif r is None:
             state, reason = TrialState.FAIL, "the pool ended without a result for this network"
-        elif r.status is NetStatus.FINISHED and r.final_test_loss is not None \
-                and math.isfinite(r.final_test_loss):
+        elif r.status is NetStatus.FINISHED and r.result_loss is not None and math.isfinite(r.result_loss):
+            # The objective is the final-window mean (not one draw from SGD's noise floor).
             state, reason = TrialState.COMPLETE, "completed"
-            values = [r.final_test_loss] if self.single else [r.final_test_loss, float(lv.particle_steps)]
+            values = [r.result_loss] if self.single else [r.result_loss, float(lv.particle_steps)]
         else:
             state, reason = TrialState.FAIL, f"{r.status.value}: {r.reason}"
         trial = lv.trial
@@ -879,9 +882,9 @@ class SearchRun:
             r = lv.retired
             if r is None and lv.fail_reason is None:
                 continue  # interrupted: retrained on resume
-            ok = r is not None and r.status is NetStatus.FINISHED and r.final_test_loss is not None \
-                and math.isfinite(r.final_test_loss)
-            rec = {"loss": r.final_test_loss if ok and r is not None else None,
+            ok = r is not None and r.status is NetStatus.FINISHED and r.result_loss is not None \
+                and math.isfinite(r.result_loss)
+            rec = {"loss": r.result_loss if ok and r is not None else None,
                    "status": r.status.value if r is not None else "failed",
                    "reason": lv.fail_reason or (r.reason if r is not None else ""),
                    PS_ATTR: lv.particle_steps}
