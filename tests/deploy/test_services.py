@@ -183,8 +183,9 @@ def test_sweep_results_read_back_over_rest(mlflow_server: MlflowServer, tmp_path
 
     fit = summary["variants"][0]
     metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
-    assert math.isclose(metrics["base.exponent"], fit["exponent"], rel_tol=1e-6)
-    assert math.isclose(metrics["base.r2"], fit["r2"], rel_tol=1e-6, abs_tol=1e-9)
+    assert math.isclose(metrics["base.all_points.exponent"], fit["power_all"]["exponent"], rel_tol=1e-6)
+    assert math.isclose(metrics["base.all_points.r2"], fit["power_all"]["r2"], rel_tol=1e-6, abs_tol=1e-9)
+    assert metrics["base.n_converged"] == fit["n_converged"]
 
     listed = mlflow_server.get("artifacts/list", run_id=parent["info"]["run_id"])
     assert {"summary.json", "config.yaml"} <= {f["path"] for f in listed["files"]}
