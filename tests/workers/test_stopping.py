@@ -207,9 +207,9 @@ def test_extending_a_capped_run_equals_the_longer_run_bit_for_bit(tmp_path: Path
 def test_extend_refuses_other_changes() -> None:
     pack = Pack(TEACHER, MODEL, _plateau(100), NETS[:1], data_seed=5, dtype=F64, device=DEVICE)
     run_reports(pack)
-    with pytest.raises(ValueError, match="larger dynamics.steps"):
+    with pytest.raises(ValueError, match=r"larger dynamics\.steps"):
         pack.extend(_plateau(200, batch_size=64))
-    with pytest.raises(ValueError, match="larger dynamics.steps"):
+    with pytest.raises(ValueError, match=r"larger dynamics\.steps"):
         pack.extend(_plateau(50))
 
 

@@ -32,10 +32,10 @@ from .schedule import lr_factor
 from .specs import (
     Algorithm,
     DynamicsSpec,
+    LrSchedule,
     ModelSpec,
     NetStatus,
     NetworkSpec,
-    LrSchedule,
     Parametrization,
     RateConvention,
     Scheme,
