@@ -1150,17 +1150,19 @@ def _run(cfg: SearchConfig, out: Path, console: Console, **kw: Any) -> int:
     return 0
 
 
-def run_search_cli(args: Any, console: Console) -> int:
-    """``mfsweep search CONFIG ...``: a new search, or the continuation of the one in ``--out``."""
-    direct: dict[str, Any] = {}
-    if getattr(args, "device", None):
-        direct["execution.device"] = args.device
-    if getattr(args, "backend", None):
-        direct["execution.backend"] = args.backend
-    if getattr(args, "trials", None) is not None:
-        direct["search.trials"] = args.trials
-    cfg = load_search(args.config, args.overrides, **direct)
-    out: Path = args.out or default_out(cfg)
+def run_search_cli(args: Any, console: Console, cfg: SearchConfig | None = None, out: Path | None = None) -> int:
+    """``mfsweep search CONFIG ...``: a new search, or the continuation of the one in ``--out`` (``cfg`` and
+    ``out``: already loaded and checked by the CLI)."""
+    if cfg is None:
+        direct: dict[str, Any] = {}
+        if getattr(args, "device", None):
+            direct["execution.device"] = args.device
+        if getattr(args, "backend", None):
+            direct["execution.backend"] = args.backend
+        if getattr(args, "trials", None) is not None:
+            direct["search.trials"] = args.trials
+        cfg = load_search(args.config, args.overrides, **direct)
+    out = out or args.out or default_out(cfg)
     old = out / "search.yaml"
     if old.exists():
         if not _same_search(load_search(old), cfg):
