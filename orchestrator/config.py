@@ -179,8 +179,8 @@ class DynamicsConfig(Strict):
 
 
 class VariantConfig(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
-    """Label of the variant (fitted separately)."""
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Label of the variant (fitted separately); it names MLflow metrics, which refuse '+' and the like."""
     set: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the base config, as dotted keys: {dynamics.birth_death.rate: 1.0}."""
 

@@ -30,7 +30,7 @@ from rich.table import Table
 from workers.engine import NetMetrics, NetStatus, Pack, Report
 from workers.jobs import PackEvent, PackJob
 
-from . import analysis
+from . import analysis, mlflow_view
 from .config import ScalingConfig, dump
 from .plan import NetworkPlan, load_jobs, plan_networks, plan_packs, save_jobs
 from .pool import JobFailure, Pool, close_in_background, make_pool, open_beside
@@ -166,7 +166,8 @@ class ScalingSweep:
                 "bd_rate": sp.bd_rate, "bd_scheme": sp.bd_scheme.value, "task": v.task.kind.value,
                 "dim": v.task.dim,
             }
-            run = self.tracker.start_child(self.parent, net.key, net.key, params,
+            name = mlflow_view.child_run_name(net.variant, sp.width, net.replicate)
+            run = self.tracker.start_child(self.parent, net.key, name, params,
                                            {"mfsweep.key": net.key, "mfsweep.variant": net.variant})
             self.child[net_id] = run
         return run
@@ -237,9 +238,10 @@ class ScalingSweep:
         from .tracking import Tracker  # imported here: mlflow's import (~1 s) overlaps Ray's boot
 
         cfg = self.cfg
-        self.tracker = Tracker(self.tracking_uri, cfg.name)
+        self.tracker = Tracker(self.tracking_uri, cfg.name,
+                               experiment_tags={mlflow_view.NOTE_TAG: mlflow_view.SCALING_EXPERIMENT_NOTE})
         self.parent = self.tracker.start_parent(
-            self.out.name, _flatten(cfg.model_dump(mode="json")),
+            mlflow_view.parent_run_name(cfg.name, "sweep"), _flatten(cfg.model_dump(mode="json")),
             {"mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
              "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
              "mfsweep.driver_host": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
@@ -348,6 +350,9 @@ class ScalingSweep:
                     f"{name}.exponent": fit.exponent, f"{name}.exponent_ci95_lo": fit.exponent_ci95[0],
                     f"{name}.exponent_ci95_hi": fit.exponent_ci95[1], f"{name}.prefactor": fit.prefactor,
                     f"{name}.r2": fit.r2}, 0)
+        mlflow_view.log_loss_vs_width(self.tracker, self.parent, {n: pts for n, (pts, _) in per_variant.items()})
+        mlflow_view.describe(self.tracker, self.parent, mlflow_view.result_paragraph(
+            self.cfg.name, self.cfg.sweep.widths, self.cfg.sweep.seeds, per_variant))
         summary = {
             "sweep": self.cfg.name,
             "variants": out_variants,

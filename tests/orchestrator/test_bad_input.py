@@ -60,6 +60,7 @@ CASES = [
     (["scaling", *TINY, "--address", "127.0.0.1:{port}"], 3, ["cannot reach Ray", "--address"]),
     (["scaling", "--device", "gpu"], 2, ["invalid choice", "--help"]),
     (["resume", "{a_file}"], 2, ["not an mfsweep output folder"]),
+    (["scaling", *TINY, "--set", "sweep.variants=[{{name: bd+clone}}]"], 2, ["sweep.variants.0.name", "pattern"]),
 ]
 
 
