@@ -75,7 +75,7 @@ class TaskConfig(Strict):
     n_test: int = Field(4096, ge=1)
     """Held-out test samples (unused where the population loss is exact)."""
     components: list[ComponentConfig] = Field(default_factory=list)
-    """Gaussian-mixture target; empty = SCIENCE.md example A."""
+    """Gaussian-mixture target; empty = the 1-D example target of docs/science.md."""
     measure: Measure = Measure.LEBESGUE
     """Gaussian-mixture input measure: lebesgue (exact energy) | gaussian (samplable)."""
     measure_std: float = Field(2.0, gt=0)

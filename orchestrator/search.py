@@ -835,7 +835,7 @@ class SearchRun:
         fid = self.cfg.search.fidelity
         assert fid is not None
         top = self._top()
-        # Same parameters and training horizon as the trial, only wider (SCIENCE.md section 5).
+        # Same parameters and training horizon as the trial, only wider (docs/science.md, width as a fidelity).
         lives = [self._stage_live(_PROMOTED_BASE + i, t, width, f"-w{width}", self._fidelity_key(width, t.number))
                  for i, (t, width) in enumerate(self._fidelity_todo())]
         if not lives:

@@ -152,7 +152,7 @@ class TaskSpec:
     n_test: int = 4096
     """Held-out samples for the test loss (ignored where the population loss is exact)."""
     components: tuple[Component, ...] = ()
-    """Gaussian-mixture target; empty means SCIENCE.md example A (1-D)."""
+    """Gaussian-mixture target; empty means the 1-D example target of docs/science.md."""
     measure: Measure = Measure.LEBESGUE
     measure_std: float = 2.0
     """Std of the Gaussian input measure (measure=gaussian)."""
