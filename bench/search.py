@@ -11,7 +11,7 @@
     python bench/search.py --mfsweep-set search.reeval.top_k=4 --mfsweep-set search.reeval.seeds=4
 
 Why 3000 steps: at 600 steps a trial costs study.optimize 0.3 s, less than mfsweep spends starting Python,
-Ray and MLflow; real searches train longer (SCIENCE.md's example B runs 1e5 steps). Why several seeds and a
+Ray and MLflow; real searches train longer (the paper's student-teacher example runs 1e5 steps). Why several seeds and a
 re-evaluation: at a fixed SGD budget the final test loss of one run is a draw from the noise floor, so the
 best of 64 runs is mostly luck (the same search, run twice on Ray, picks different winners). Each search's
 pick is therefore also retrained on --reeval fresh seeds (paired, outside the timed part): that mean is its
@@ -53,7 +53,7 @@ CONFIG = ROOT / "configs" / "search" / "bd_teacher.yaml"
 @torch.no_grad()
 def birth_death_(net: MeanFieldNet, potential: torch.Tensor, alpha: float, dt: float, prior: bool,
                  draw: Any, gen: torch.Generator) -> None:
-    """Plain-torch birth-death step (SCIENCE.md section 4, per-time rate): above-average potential dies,
+    """Plain-torch birth-death step (docs/science.md section 4, per-time rate): above-average potential dies,
     below-average clones; kills are refilled by copies of uniform particles (clone) or prior draws (prior),
     clones overwrite uniform particles, so n stays fixed."""
     n = potential.shape[0]

@@ -1,6 +1,6 @@
 """Error-vs-width scaling: log-log least squares fit with a bootstrap interval, and the plots.
 
-The exponent is measured, never assumed (SCIENCE.md section 3): mean-field theory predicts loss ~ n^-1, but
+The exponent is measured, never assumed (docs/science.md, section 3): mean-field theory predicts loss ~ n^-1, but
 other setups show n^-2, so every fit carries a 95% bootstrap interval over seeds.
 """
 

@@ -4,7 +4,7 @@
                     [--device auto|cpu|cuda]
     mfsweep resume DIR
     mfsweep search CONFIG [--trials N] [--storage URL] [--study NAME] ...
-    mfsweep validate CONFIG [--set ...]
+    mfsweep validate CONFIG [--set ...]      (a scaling or a search config)
 
 Exit codes: 0 done, 2 bad input (one line on stderr naming the key and the fix; or the output folder is in
 use by another driver), 3 a service could not be used (Ray, MLflow, Optuna storage; or no Ray worker alive for
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 
@@ -41,8 +43,15 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (its default prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mfsweep", description="Mean-field particle training sweeps: "
+    parser = _Parser(prog="mfsweep", description="Mean-field particle training sweeps: "
                                      "error vs width on Ray, Optuna search, MLflow tracking.")
     sub = parser.add_subparsers(dest="command", required=True)
     sc = sub.add_parser("scaling", help="run an error-vs-width sweep (the main job)")
@@ -54,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--address", default=None)
     rs.add_argument("--tracking-uri", default=None)
     rs.add_argument("--no-progress", action="store_true")
-    va = sub.add_parser("validate", help="validate a scaling config and print it resolved")
+    va = sub.add_parser("validate", help="validate a scaling or search config and print it resolved")
     va.add_argument("config")
     va.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     se = sub.add_parser("search", help="Optuna search over architectures and dynamics")
@@ -72,17 +81,26 @@ def _direct(args: argparse.Namespace) -> dict[str, object]:
         direct["execution.device"] = args.device
     if getattr(args, "backend", None):
         direct["execution.backend"] = args.backend
+    if getattr(args, "trials", None) is not None:
+        direct["search.trials"] = args.trials
     return direct
 
 
+def _default_out(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# Each command validates its input and runs the preflight checks before importing the drivers: those load
+# torch, Ray, Optuna and MLflow (seconds), and a bad input should cost well under a second.
 def _scaling(args: argparse.Namespace, console: Console) -> int:
     from . import config as config_mod
     from . import runfolder
     from .credentials import redact
-    from .scaling import ScalingSweep, default_out
+    from .preflight import check_scaling
 
     cfg = config_mod.load(args.config or config_mod.QUICKSTART, args.overrides, **_direct(args))
-    out = args.out or default_out(cfg)
+    out = args.out or _default_out(cfg.name)
+    check_scaling(cfg, out, args.address, args.tracking_uri)
     with runfolder.hold(out, "mfsweep scaling"):  # before anything in the folder is read or written
         old = out / "config.yaml"
         if old.exists():
@@ -91,6 +109,10 @@ def _scaling(args: argparse.Namespace, console: Console) -> int:
                 raise config_mod.ConfigError(f"{out} holds a different sweep; pick a new --out, or continue it "
                                              f"with: mfsweep resume {out}")
             console.print(f"resuming {out}")
+        elif (out / "search.yaml").exists():
+            raise config_mod.ConfigError(f"{out} holds a search; pick a new --out")
+        from .scaling import ScalingSweep
+
         ScalingSweep(cfg, out, tracking_uri=args.tracking_uri, address=args.address, console=console,
                      progress=not args.no_progress).run()
     browse = (f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"
@@ -102,8 +124,12 @@ def _scaling(args: argparse.Namespace, console: Console) -> int:
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from . import config as config_mod
     from . import runfolder
+    from .preflight import check_scaling, check_search
 
     if (args.dir / "search.yaml").exists():
+        from .search_config import load_search
+
+        check_search(load_search(args.dir / "search.yaml"), args.dir, args.address, args.tracking_uri)
         from .search import resume_search
 
         if args.overrides:
@@ -111,13 +137,15 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
 
         return resume_search(args.dir, address=args.address, tracking_uri=args.tracking_uri,
                              progress=not args.no_progress, console=console)
-    from .scaling import ScalingSweep
-
     path = args.dir / "config.yaml"
     if not path.exists():
-        raise config_mod.ConfigError(f"{args.dir} is not an mfsweep output folder (no config.yaml)")
+        raise config_mod.ConfigError(f"{args.dir} is not an mfsweep output folder (no config.yaml); pass the "
+                                     "folder a sweep or search wrote")
+    cfg = config_mod.extend(config_mod.load(path), args.overrides)
+    check_scaling(cfg, args.dir, args.address, args.tracking_uri)
+    from .scaling import ScalingSweep
+
     with runfolder.hold(args.dir, "mfsweep resume"):
-        cfg = config_mod.extend(config_mod.load(path), args.overrides)
         if args.overrides:
             path.write_text(config_mod.dump(cfg))
         ScalingSweep(cfg, args.dir, tracking_uri=args.tracking_uri, address=args.address, console=console,
@@ -126,8 +154,18 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
 
 
 def _validate(args: argparse.Namespace, console: Console) -> int:
+    """Validate a scaling config, or a search config (recognised by its ``search`` section)."""
     from . import config as config_mod
 
+    raw = config_mod.load_raw(args.config)
+    if "search" in raw:
+        from .search_config import load_search
+
+        search = load_search(args.config, args.overrides)
+        print(config_mod.dump(search), end="")
+        console.print(f"search ok: {len(search.search.space)} parameters, {search.search.trials} trials, "
+                      f"sampler {search.search.sampler.name}, pruner {search.search.pruner_name}")
+        return 0
     cfg = config_mod.load(args.config, args.overrides)
     print(config_mod.dump(cfg), end="")
     for name, _ in cfg.variant_configs():
@@ -136,22 +174,37 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _search(args: argparse.Namespace, console: Console) -> int:
+    from .preflight import check_search
+    from .search_config import load_search
+
+    cfg = load_search(args.config, args.overrides, **_direct(args))
+    out = args.out or _default_out(cfg.name)
+    check_search(cfg, out, args.address, args.tracking_uri)
     from .search import run_search_cli
 
-    return run_search_cli(args, console)
+    return run_search_cli(args, console, cfg=cfg, out=out)
+
+
+def _known_error(err: Exception) -> int | None:
+    """Exit code of an error a driver module raises, looked up among the modules already loaded (importing
+    them only to name their errors would load Ray and torch on every bad input)."""
+    codes = (("orchestrator.pool", "PoolError", EXIT_SERVICE), ("orchestrator.search", "StorageError", EXIT_SERVICE),
+             ("orchestrator.scaling", "Interrupted", EXIT_INTERRUPTED))
+    for module, name, code in codes:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(err, cls):
+            return code
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     from .config import ConfigError
+    from .errors import ServiceError, TrackingError
 
+    handler = {"scaling": _scaling, "resume": _resume, "validate": _validate, "search": _search}
     try:
-        from .errors import TrackingError
-        from .pool import PoolError
-        from .scaling import Interrupted
-
-        handler = {"scaling": _scaling, "resume": _resume, "validate": _validate, "search": _search}
         if args.command != "validate":
             from .credentials import has_password, move_password_to_env
             from .localray import reap_dead_drivers
@@ -170,15 +223,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
         return EXIT_BAD_INPUT
-    except (TrackingError, PoolError) as err:
+    except (TrackingError, ServiceError) as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
         return EXIT_SERVICE
-    except Interrupted as err:
-        console.print(f"[yellow]{err}[/]", soft_wrap=True, highlight=False)
-        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; finished results are kept. Resume with: mfsweep resume DIR[/]")
         return EXIT_INTERRUPTED
+    except Exception as err:
+        code = _known_error(err)
+        if code is None:
+            raise
+        style = "yellow" if code == EXIT_INTERRUPTED else "red"
+        prefix = "" if code == EXIT_INTERRUPTED else "error: "
+        console.print(f"[{style}]{prefix}{err}[/]", soft_wrap=True, highlight=False)
+        return code
 
 
 if __name__ == "__main__":

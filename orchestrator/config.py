@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# Specs and compatibility rules only: workers.engine loads torch lazily, and validation must not wait for it.
 from workers.engine import (
     Algorithm,
     Component,
@@ -32,7 +33,7 @@ from workers.engine import (
     TaskSpec,
     Unit,
     check_compatible,
-    make_task,
+    traits,
 )
 
 #: Fewest reports in a window for the plateau test (workers.engine.stopping.MIN_POINTS).
@@ -47,7 +48,9 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # The attribute docstrings document each key here, in the source; pydantic's use_attribute_docstrings
+    # would re-parse this file at every start (a tenth of `mfsweep validate`) for descriptions nothing reads.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ComponentConfig(Strict):
@@ -77,7 +80,7 @@ class TaskConfig(Strict):
     n_test: int = Field(4096, ge=1)
     """Held-out test samples (unused where the population loss is exact)."""
     components: list[ComponentConfig] = Field(default_factory=list)
-    """Gaussian-mixture target; empty = SCIENCE.md example A."""
+    """Gaussian-mixture target; empty = the 1-D example target of docs/science.md."""
     measure: Measure = Measure.LEBESGUE
     """Gaussian-mixture input measure: lebesgue (exact energy) | gaussian (samplable)."""
     measure_std: float = Field(2.0, gt=0)
@@ -225,8 +228,8 @@ class DynamicsConfig(Strict):
 
 
 class VariantConfig(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
-    """Label of the variant (fitted separately)."""
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Label of the variant (fitted separately); it names MLflow metrics, which refuse '+' and the like."""
     set: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the base config, as dotted keys: {dynamics.birth_death.rate: 1.0}."""
 
@@ -341,6 +344,8 @@ KNOWN_KEYS = _known_keys(ScalingConfig)
 
 
 def _hint(loc: str) -> str:
+    if loc == "search":
+        return "; this is a search config: run it with mfsweep search CONFIG"
     close = difflib.get_close_matches(loc, KNOWN_KEYS, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else "; see the keys in configs/scaling/*.yaml"
 
@@ -363,7 +368,7 @@ def _validate(raw: Mapping[str, Any], where: str) -> ScalingConfig:
     except ValidationError as err:
         raise ConfigError(_format(err, where)) from None
     try:
-        check_compatible(make_task(cfg.task.spec()), cfg.model.spec(), cfg.dynamics.spec())
+        check_compatible(traits(cfg.task.spec()), cfg.model.spec(), cfg.dynamics.spec())
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
     return cfg
@@ -402,17 +407,24 @@ def load_raw(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a folder; pass a YAML file such as configs/scaling/teacher_relu.yaml "
+                          "(or mfsweep resume FOLDER to continue a run)")
     if not p.is_file():
         raise ConfigError(f"config file {p} not found; pass a path such as configs/scaling/teacher_relu.yaml")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError) as err:
+        why = "is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"cannot be read ({err.strerror})"
+        raise ConfigError(f"{p} {why}; pass a YAML config file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or err.__class__.__name__
         raise ConfigError(f"{p}: malformed YAML{at}: {problem}; fix the syntax") from None
-    if data is None:
-        return {}
+    if data is None:  # an empty file (or only comments) must not silently run the embedded defaults
+        raise ConfigError(f"{p} is empty; give at least one section (task, model, dynamics, sweep, execution), "
+                          "e.g. start from configs/scaling/teacher_relu.yaml, or omit CONFIG for the quick start")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections (task, model, dynamics, ...)")
     return data

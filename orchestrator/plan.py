@@ -13,19 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from workers.engine import (
-    NetworkSpec,
-    Task,
-    derive_seed,
-    estimate_pack_bytes,
-    from_dict,
-    make_task,
-    to_dict,
-    uses_exact_energy,
-)
+from workers.engine import Algorithm, NetworkSpec, TaskKind, Unit, derive_seed, from_dict, to_dict, traits
 from workers.jobs import PackJob
 
-from .config import ScalingConfig
+from .config import ConfigError, ScalingConfig
 
 
 @dataclass(frozen=True)
@@ -88,6 +79,56 @@ def balance(items: Sequence[T], cost: Callable[[T], float], n_bins: int,
         n_bins = min(len(items), n_bins * 2)
 
 
+def _exact_and_batch(vcfg: ScalingConfig) -> tuple[bool, int]:
+    """Whether a pack trains on the exact energy (as ``uses_exact_energy``), and its batch per step."""
+    gd = vcfg.dynamics.algorithm is Algorithm.GD
+    exact = gd and traits(vcfg.task.spec()).has_closed_form and vcfg.model.unit is Unit.GAUSSIAN
+    return exact, vcfg.task.n_train if gd and not exact else vcfg.dynamics.batch_size
+
+
+def pack_memory(vcfg: ScalingConfig) -> Callable[[Sequence[int]], int]:
+    """Peak bytes of a pack of networks of the given widths under ``vcfg``'s pack-level settings (from the
+    specs alone: no task is built, so an absurd width or dimension is caught before any tensor exists)."""
+    import torch
+
+    from workers.engine import estimate_pack_bytes
+
+    task_spec = vcfg.task.spec()
+    tr = traits(task_spec)
+    exact, batch = _exact_and_batch(vcfg)
+    dtype = getattr(torch, vcfg.execution.dtype)
+
+    # The task's own tensors (estimate_pack_bytes counts the networks): the 3-spin couplings (d^3), the
+    # teacher, and the fixed training and test sets. They matter at absurd dimensions, where building the
+    # task alone would exhaust a worker.
+    coeffs = {TaskKind.SPHERICAL_3SPIN: tr.dim**3, TaskKind.TEACHER: task_spec.teacher_units * (tr.dim + tr.out_dim)}
+    task_items = coeffs.get(task_spec.kind, 0) + (task_spec.n_train + task_spec.n_test) * (tr.dim + tr.out_dim)
+    task_bytes = task_items * dtype.itemsize
+
+    def mem(widths: Sequence[int]) -> int:
+        return task_bytes + estimate_pack_bytes(widths, batch=batch, dim=tr.dim, out_dim=tr.out_dim, dtype=dtype,
+                                                exact=exact, n_test=task_spec.n_test)
+
+    return mem
+
+
+def check_fits(cfg: ScalingConfig, memory_bytes: int, widths: Sequence[int],
+               mem: Callable[[Sequence[int]], int] | None = None, where: str = "a worker") -> None:
+    """ConfigError (one line) unless a pack of the widest of ``widths`` alone fits ``memory_fraction`` of
+    ``memory_bytes``, for every variant (or for ``mem`` alone)."""
+    budget = memory_bytes * cfg.execution.memory_fraction
+    mems = [mem] if mem is not None else [pack_memory(v) for _, v in cfg.variant_configs()]
+    for m in mems:
+        for w in sorted(set(widths), reverse=True)[:1]:  # the widest network needs the most
+            need = m([w])
+            if need > budget:
+                raise ConfigError(
+                    f"width {w} needs ~{need / 2**30:.1f} GiB, more than the {budget / 2**30:.1f} GiB "
+                    f"{where} may use (execution.memory_fraction={cfg.execution.memory_fraction} of "
+                    f"{memory_bytes / 2**30:.1f} GiB); lower the width, task.dim or dynamics.batch_size, or "
+                    "raise execution.memory_fraction")
+
+
 def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers: int, memory_bytes: int,
                checkpoint_dir: Path | None, skip: set[int] | frozenset[int] = frozenset()) -> list[PackJob]:
     """Packs of the networks not in ``skip``, each within ``memory_fraction`` of ``memory_bytes``, at least
@@ -102,24 +143,10 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
     for nets in groups.values():
         vcfg = variants[nets[0].variant]
         task_spec, model, dyn = vcfg.task.spec(), vcfg.model.spec(), vcfg.dynamics.spec()
-        task = make_task(task_spec)
-        exact = uses_exact_energy(task, model, dyn)
-        batch = task_spec.n_train if dyn.algorithm.value == "gd" and not exact else dyn.batch_size
         dtype = cfg.execution.dtype
-
-        def mem(ws: Sequence[int], _b: int = batch, _t: Task = task, _e: bool = exact, _dt: str = dtype,
-                _nt: int = task_spec.n_test) -> int:
-            import torch
-
-            return estimate_pack_bytes(ws, batch=_b, dim=_t.dim, out_dim=_t.out_dim, dtype=getattr(torch, _dt),
-                                       exact=_e, n_test=_nt)
-
-        for single in nets:
-            if mem([single.spec.width]) > budget:
-                raise ValueError(
-                    f"width {single.spec.width} needs ~{mem([single.spec.width]) / 2**30:.1f} GiB, more than "
-                    f"{budget / 2**30:.1f} GiB a worker may use; lower dynamics.batch_size or the width, or "
-                    "raise execution.memory_fraction")
+        batch = _exact_and_batch(vcfg)[1]
+        mem = pack_memory(vcfg)
+        check_fits(cfg, memory_bytes, [n.spec.width for n in nets], mem)
         limit = cfg.execution.max_networks_per_pack
         share = max(1, round(n_workers * len(nets) / max(1, len(networks) - len(skip))))
         n_bins = min(len(nets), max(share, math.ceil(len(nets) / cfg.execution.max_networks_per_pack)))

@@ -30,7 +30,7 @@ from rich.table import Table
 from workers.engine import NetMetrics, NetStatus, Pack, Report, Retired
 from workers.jobs import PackEvent, PackJob
 
-from . import analysis, runfolder
+from . import analysis, mlflow_view, runfolder
 from .config import ScalingConfig, dump
 from .credentials import redact, strip_password
 from .plan import NetworkPlan, load_jobs, plan_networks, plan_packs, save_jobs
@@ -217,7 +217,8 @@ class ScalingSweep:
                 "dim": v.task.dim,
             }
             # The step cap is a tag, not a param: extending a sweep raises it, and MLflow params never change.
-            run = self.tracker.start_child(self.parent, net.key, net.key, params,
+            name = mlflow_view.child_run_name(net.variant, sp.width, net.replicate)
+            run = self.tracker.start_child(self.parent, net.key, name, params,
                                            {"mfsweep.key": net.key, "mfsweep.variant": net.variant,
                                             "mfsweep.steps": str(v.dynamics.steps)})
             self.child[net_id] = run
@@ -345,12 +346,13 @@ class ScalingSweep:
         from .tracking import Tracker  # imported here: mlflow's import (~1 s) overlaps Ray's boot
 
         cfg = self.cfg
-        self.tracker = Tracker(self.tracking_uri, cfg.name)
+        self.tracker = Tracker(self.tracking_uri, cfg.name,
+                               experiment_tags={mlflow_view.NOTE_TAG: mlflow_view.SCALING_EXPERIMENT_NOTE})
         params = _flatten(cfg.model_dump(mode="json"))
         # What extending a sweep changes goes into tags (MLflow params never change).
         moving = {f"config.{k}": str(params.pop(k)) for k in _EXTENSION_KEYS if k in params}
         self.parent = self.tracker.start_parent(
-            self.out.name, params,
+            mlflow_view.parent_run_name(cfg.name, "sweep"), params,
             {**moving, "mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
              "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
              "mfsweep.driver_host": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
@@ -470,6 +472,9 @@ class ScalingSweep:
             self.tracker.log_metrics(self.parent, _parent_metrics(name, a), 0)
             self.tracker.set_tags(self.parent, {f"mfsweep.regime.{name}": a.regime or "none",
                                                 f"mfsweep.verdict.{name}": a.verdict()[:500]})
+        mlflow_view.log_loss_vs_width(self.tracker, self.parent, {n: a.points for n, a in analyses.items()})
+        mlflow_view.describe(self.tracker, self.parent, mlflow_view.result_paragraph(
+            self.cfg.name, self.cfg.sweep.widths, self.cfg.sweep.seeds, analyses))
         summary = {
             "sweep": self.cfg.name,
             "variants": out_variants,

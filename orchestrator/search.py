@@ -62,7 +62,7 @@ from workers.engine import NetStatus, NetworkSpec, Retired, derive_seed, estimat
 from workers.engine import uses_exact_energy as _uses_exact
 from workers.jobs import PackEvent, PackJob
 
-from . import runfolder
+from . import mlflow_view, runfolder
 from .config import ConfigError, ScalingConfig, dump, load
 from .credentials import PASSWORD_ENV, has_password, redact, storage_password, strip_password
 from .plan import _pack_key, balance
@@ -374,14 +374,15 @@ class SearchRun:
         from .tracking import Tracker  # imported here: mlflow's import (~1.5 s) overlaps Ray's boot
 
         cfg = self.cfg
-        self.tracker = Tracker(self.tracking_uri, cfg.name)
+        self.tracker = Tracker(self.tracking_uri, cfg.name,
+                               experiment_tags={mlflow_view.NOTE_TAG: mlflow_view.SEARCH_EXPERIMENT_NOTE})
         base = cfg.base_raw()
         base.pop("execution")
         params = {**_flatten(base), **_flatten({"search": cfg.search.model_dump(mode="json")})}
         params.pop("search.trials")  # may grow on resume (MLflow params are immutable; it goes in a tag)
         params = {k: v for k, v in params.items() if not k.startswith("search.space")}
         params["search.space"] = json.dumps(cfg.search.model_dump(mode="json")["space"])[:6000]
-        self.parent = self.tracker.start_parent(self.study_name, params, {
+        self.parent = self.tracker.start_parent(mlflow_view.parent_run_name(self.study_name, "search"), params, {
             "mfsweep.sweep_key": self.search_key, "mfsweep.kind": "search", "mfsweep.study": self.study_name,
             "mfsweep.storage": self.storage_desc, "mfsweep.trials": str(cfg.search.trials),
             "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
@@ -585,7 +586,12 @@ class SearchRun:
                       "lr": tcfg.dynamics.lr, "batch_size": tcfg.dynamics.batch_size,
                       "temperature": tcfg.dynamics.temperature, "bd_rate": tcfg.dynamics.birth_death.rate,
                       "bd_scheme": tcfg.dynamics.birth_death.scheme.value})
-        return self.tracker.start_child(self.parent, key, key, p, {"mfsweep.trial_number": str(number)})
+        name = f"trial {number} width={width}"  # the MLflow run name; ``key`` stays the stable identity
+        if suffix.startswith("-seed"):
+            name += f" seed={suffix.removeprefix('-seed')} (re-evaluation)"
+        elif suffix:
+            name += " (fidelity)"
+        return self.tracker.start_child(self.parent, key, name, p, {"mfsweep.trial_number": str(number)})
 
     def _spec(self, lv: _Live) -> NetworkSpec:
         assert lv.cfg is not None
@@ -843,7 +849,7 @@ class SearchRun:
         fid = self.cfg.search.fidelity
         assert fid is not None
         top = self._top()
-        # Same parameters and training horizon as the trial, only wider (SCIENCE.md section 5).
+        # Same parameters and training horizon as the trial, only wider (docs/science.md, width as a fidelity).
         lives = [self._stage_live(_PROMOTED_BASE + i, t, width, f"-w{width}", self._fidelity_key(width, t.number))
                  for i, (t, width) in enumerate(self._fidelity_todo())]
         if not lives:
@@ -1109,6 +1115,8 @@ class SearchRun:
             "n_complete": float(states["COMPLETE"]), "n_pruned": float(states["PRUNED"]),
             "n_fail": float(states["FAIL"]), "total_particle_steps": float(summary["particle_steps"])}, 0)
         self.tracker.set_tags(self.parent, {"mfsweep.trials": str(self.cfg.search.trials)})
+        mlflow_view.describe(self.tracker, self.parent, mlflow_view.search_paragraph(
+            self.study_name, len(trials), states, summary["best"]))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True, default=str))
         artifacts.insert(0, self.out / "summary.json")
         self.tracker.flush()
@@ -1169,17 +1177,19 @@ def _run(cfg: SearchConfig, out: Path, console: Console, **kw: Any) -> int:
     return 0
 
 
-def run_search_cli(args: Any, console: Console) -> int:
-    """``mfsweep search CONFIG ...``: a new search, or the continuation of the one in ``--out``."""
-    direct: dict[str, Any] = {}
-    if getattr(args, "device", None):
-        direct["execution.device"] = args.device
-    if getattr(args, "backend", None):
-        direct["execution.backend"] = args.backend
-    if getattr(args, "trials", None) is not None:
-        direct["search.trials"] = args.trials
-    cfg = load_search(args.config, args.overrides, **direct)
-    out: Path = args.out or default_out(cfg)
+def run_search_cli(args: Any, console: Console, cfg: SearchConfig | None = None, out: Path | None = None) -> int:
+    """``mfsweep search CONFIG ...``: a new search, or the continuation of the one in ``--out`` (``cfg`` and
+    ``out``: already loaded and checked by the CLI)."""
+    if cfg is None:
+        direct: dict[str, Any] = {}
+        if getattr(args, "device", None):
+            direct["execution.device"] = args.device
+        if getattr(args, "backend", None):
+            direct["execution.backend"] = args.backend
+        if getattr(args, "trials", None) is not None:
+            direct["search.trials"] = args.trials
+        cfg = load_search(args.config, args.overrides, **direct)
+    out = out or args.out or default_out(cfg)
     old = out / "search.yaml"
     if old.exists():
         if not _same_search(load_search(old), cfg):

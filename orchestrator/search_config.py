@@ -264,7 +264,7 @@ class SearchSection(Strict):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     fidelity: FidelityConfig | None = None
-    """Width as fidelity (SCIENCE.md section 5): search at a small width, promote the best to larger ones."""
+    """Width as fidelity (docs/science.md, section 5): search at a small width, promote the best to larger ones."""
     reeval: ReevalConfig | None = None
     """Retrain the best trials on fresh seeds and pick the lowest mean: one run's final loss is a noisy draw,
     so the lowest of many draws flatters its configuration (docs/search.md)."""

@@ -53,6 +53,10 @@ for _name in ("mlflow.store.db.utils", "alembic"):
 T = TypeVar("T")
 
 SWEEP_KEY_TAG = "mfsweep.sweep_key"
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, tokens, latency); a sweep's
+# experiment holds training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 CHILD_KEY_TAG = "mfsweep.key"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -209,13 +213,15 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment: str, *, flush_interval_s: float = 0.5,
                  max_batch: int = 1000, retry_max_s: float = 600.0, fast_sql: bool | None = None,
-                 artifact_location: str | None = None) -> None:
+                 artifact_location: str | None = None, experiment_tags: Mapping[str, str] | None = None) -> None:
         """Connect (fail fast if unreachable), create/get ``experiment`` and start the writer thread.
 
         ``fast_sql``: bulk-insert points into a SQLite/PostgreSQL store (default: on for those; False
         forces ``MlflowClient.log_batch``). ``artifact_location`` for a newly created experiment; for SQLite
         stores it defaults to ``mlartifacts/`` next to the database file instead of MLflow's ``./mlruns``
-        in the current directory.
+        in the current directory. ``experiment_tags`` are set on a newly created experiment (e.g. its
+        description, ``mlflow.note.content``); every experiment gets the model-training kind tag unless it has
+        a kind already.
         """
         if flush_interval_s <= 0 or max_batch <= 0 or retry_max_s < 0:
             raise ValueError("flush_interval_s and max_batch must be > 0 and retry_max_s >= 0")
@@ -234,7 +240,8 @@ class Tracker:
             self._prepare_sqlite_path()
         self._client = MlflowClient(tracking_uri=tracking_uri)
         try:
-            self.experiment_id = self._get_or_create_experiment(experiment, artifact_location)
+            self.experiment_id = self._get_or_create_experiment(experiment, artifact_location,
+                                                                dict(experiment_tags or {}))
         except TrackingError:
             raise
         except Exception as exc:
@@ -312,13 +319,15 @@ class Tracker:
             raise TrackingError(f"cannot create the directory of MLflow store {self.tracking_uri}: "
                                 f"{exc.strerror}; pass a writable --tracking-uri") from exc
 
-    def _get_or_create_experiment(self, name: str, artifact_location: str | None) -> str:
+    def _get_or_create_experiment(self, name: str, artifact_location: str | None, tags: dict[str, str]) -> str:
         exp = self._client.get_experiment_by_name(name)
         if exp is None:
             if artifact_location is None and self._is_sqlite and (db := self._sqlite_path()) is not None:
                 artifact_location = (db.parent.resolve() / "mlartifacts").as_uri()
             try:
-                return str(self._client.create_experiment(name, artifact_location=artifact_location))
+                return str(self._client.create_experiment(
+                    name, artifact_location=artifact_location,
+                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, **tags}))
             except MlflowException as exc:  # another process created it first
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -328,6 +337,8 @@ class Tracker:
             raise TrackingError(f"MLflow experiment {name!r} (id {exp.experiment_id}) is deleted; restore it "
                                 f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or use "
                                 f"another name")
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older mfsweep: open it on its runs too
+            self._client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return str(exp.experiment_id)
 
     def _setup_fast_sql(self) -> None:

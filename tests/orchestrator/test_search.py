@@ -86,7 +86,7 @@ def children(out: Path) -> tuple[MlflowClient, dict[str, Any], dict[int, Any]]:
                               filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
     by_number: dict[int, Any] = {}
     for r in runs:
-        if r.info.run_name.count("-") == 1:  # trial-00012 (promoted fidelity runs carry a -wN suffix)
+        if r.data.tags["mfsweep.key"].count("-") == 1:  # trial-00012 (fidelity/re-evaluation runs: a suffix)
             assert int(r.data.tags["mfsweep.trial_number"]) not in by_number, "two MLflow runs for one trial"
             by_number[int(r.data.tags["mfsweep.trial_number"])] = r
     return client, summary, by_number

@@ -1,6 +1,6 @@
 """Oracles for the engine tests: a plain per-network PyTorch model and small helpers.
 
-Nothing here imports the engine's private math: the reference network is written from SCIENCE.md
+Nothing here imports the engine's private math: the reference network is written from docs/science.md
 (f_n(x) = s * sum_i c_i phi(x; z_i), s = 1/n mean-field or n^-1/2 ntk) and trained with torch.optim.SGD.
 """
 

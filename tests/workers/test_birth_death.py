@@ -1,6 +1,6 @@
 """Birth-death resampling: n is kept, events follow their probabilities, kills only above the mean
 potential and clones only below it, the two rate conventions, the ``prior`` scheme's fresh particles, the
-schedule (every / quench), and SCIENCE.md example A from the bad initialization.
+schedule (every / quench), and the 1-D example of docs/science.md from the bad initialization.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def test_pack_rate_conventions_are_wired() -> None:
     assert int(pack.groups[0].bd_kills[0]) == kills[PER_STEP][1]
 
 
-# ----------------------------------------------------------------------------- SCIENCE.md example A, bad init
+# ----------------------------------------------------------------------------- docs/science.md 1-D example, bad init
 EXAMPLE_A_TASK = TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=1, measure=Measure.LEBESGUE)
 BAD_INIT = ModelSpec(unit=Unit.GAUSSIAN, gaussian_var=0.5, init=InitSpec(z="normal", loc=-2.0, scale=0.1))
 #: The prior mu_b of the authors' notebook (rotskoff/neuron-birth-death, gaussian_example.ipynb, scheme 2:
@@ -240,7 +240,7 @@ NOTEBOOK_PRIOR = InitSpec(z="normal", loc=0.0, scale=1.0)
 
 
 def test_example_a_bad_init_birth_death_beats_gd() -> None:
-    """SCIENCE.md example A from y ~ -2 + 0.1 N(0, 1): n = 200, dt = 1e-2, per_step alpha = 0.05, 3000 steps
+    """Example A (docs/science.md) from y ~ -2 + 0.1 N(0, 1): n = 200, dt = 1e-2, per_step alpha = 0.05, 3000 steps
     of which the last 750 are plain GD (quench).
 
     Two claims, with margins that held on six seeds (min ratios seen: 1.89x at step 1250 for both schemes,

@@ -138,7 +138,7 @@ def _grid_energy(pack: Pack, task: TaskSpec, grid: torch.Tensor, weights: torch.
 
 
 def test_exact_energy_lebesgue_1d_vs_quadrature() -> None:
-    task = TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=1)  # SCIENCE.md example A
+    task = TaskSpec(kind=TaskKind.GAUSSIAN_MIXTURE, dim=1)  # the example target of docs/science.md
     model = ModelSpec(unit=Unit.GAUSSIAN, gaussian_var=0.5)
     pack = _trained_exact_pack(task, model, (7, 30))
     x = torch.linspace(-25.0, 25.0, 50_001, dtype=F64)

@@ -1,4 +1,4 @@
-"""``import workers.engine`` stays torch-only: it must not import ray, optuna or mlflow (DESIGN.md)."""
+"""``import workers.engine`` stays torch-only: it must not import ray, optuna or mlflow (README.md, Layout)."""
 
 from __future__ import annotations
 

@@ -1,23 +1,17 @@
 """The particle engine: mean-field two-layer networks as packed interacting particles (torch only).
 
-Importing this package must not import ray, optuna or mlflow.
+Importing this package must not import ray, optuna or mlflow. It does not import torch either: the specs
+(:mod:`.specs`) and the compatibility rules (:mod:`.compat`) are plain Python, loaded at once, so validating
+a config takes milliseconds; every torch-backed name (``Pack``, ``make_task``, ...) is loaded from its
+module on first use (PEP 562 module ``__getattr__``), so ``from workers.engine import Pack`` works as usual.
 """
 
 from __future__ import annotations
 
-from .birth_death import Resampling, probabilities, resample
-from .pack import (
-    DataStream,
-    NetMetrics,
-    Pack,
-    Report,
-    Retired,
-    check_compatible,
-    estimate_pack_bytes,
-    init_particles,
-    uses_exact_energy,
-)
-from .rng import derive_seed, generator
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .compat import SpecTraits, check_compatible, traits
 from .specs import (
     Algorithm,
     Component,
@@ -39,8 +33,45 @@ from .specs import (
     from_dict,
     to_dict,
 )
-from .stopping import Estimate
-from .tasks import EXAMPLE_A, Task, gaussian_overlap, make_task
+from .stopping import Estimate  # torch-free
+
+if TYPE_CHECKING:  # the lazily loaded names, for type checkers and IDEs
+    from .birth_death import Resampling, probabilities, resample
+    from .pack import (
+        DataStream,
+        NetMetrics,
+        Pack,
+        Report,
+        Retired,
+        estimate_pack_bytes,
+        init_particles,
+        uses_exact_energy,
+    )
+    from .rng import derive_seed, generator
+    from .tasks import EXAMPLE_A, Task, gaussian_overlap, make_task
+
+#: Torch-backed names -> the submodule that defines them.
+_LAZY = {
+    **dict.fromkeys(("Resampling", "probabilities", "resample"), "birth_death"),
+    **dict.fromkeys(("DataStream", "NetMetrics", "Pack", "Report", "Retired", "estimate_pack_bytes",
+                     "init_particles", "uses_exact_energy"), "pack"),
+    **dict.fromkeys(("derive_seed", "generator"), "rng"),
+    **dict.fromkeys(("EXAMPLE_A", "Task", "gaussian_overlap", "make_task"), "tasks"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "EXAMPLE_A",
@@ -64,6 +95,7 @@ __all__ = [
     "Resampling",
     "Retired",
     "Scheme",
+    "SpecTraits",
     "StopRule",
     "Task",
     "TaskKind",
@@ -80,5 +112,6 @@ __all__ = [
     "probabilities",
     "resample",
     "to_dict",
+    "traits",
     "uses_exact_energy",
 ]

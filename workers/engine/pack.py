@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import birth_death, kernels
+from .compat import check_compatible
 from .rng import DATA_STREAM, NETWORK_STREAM, derive_seed, generator
 from .schedule import lr_factor
 from .specs import (
@@ -136,22 +137,6 @@ def _estimate_from(d: dict[str, Any] | None) -> Estimate | None:
 def uses_exact_energy(task: Task, model: ModelSpec, dynamics: DynamicsSpec) -> bool:
     """GD on a closed-form task with Gaussian units trains on the exact population energy."""
     return dynamics.algorithm is Algorithm.GD and task.has_closed_form and model.unit is Unit.GAUSSIAN
-
-
-def check_compatible(task: Task, model: ModelSpec, dynamics: DynamicsSpec) -> None:
-    """Raise a clear ValueError for impossible combinations."""
-    if task.has_closed_form and model.unit is not Unit.GAUSSIAN and not task.samplable:
-        raise ValueError(
-            f"task.kind=gaussian_mixture on Lebesgue measure has a closed-form energy only for gaussian units, "
-            f"not model.unit={model.unit.value}; set model.unit=gaussian or task.measure=gaussian"
-        )
-    if dynamics.algorithm is Algorithm.SGD and not task.samplable and not dynamics.finite_set:
-        if task.has_closed_form:
-            raise ValueError(
-                "sgd needs samples but task.measure=lebesgue cannot be sampled; "
-                "use dynamics.algorithm=gd (exact energy) or task.measure=gaussian"
-            )
-        raise ValueError("this task is a finite dataset: set dynamics.finite_set=true for sgd")
 
 
 class DataStream:

@@ -110,12 +110,24 @@ def _require(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _coerce_enums(obj: Any) -> None:
-    """Turn plain strings given for enum fields into members (a bad value is a clear ValueError)."""
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    # Resolving string annotations is slow; specs are built for every variant of every validated config.
     import typing
 
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _coerce_enums(obj: Any) -> None:
+    """Turn plain strings given for enum fields into members (a bad value is a clear ValueError)."""
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
-        tp = typing.get_type_hints(type(obj)).get(f.name)
+        tp = hints.get(f.name)
         value = getattr(obj, f.name)
         if isinstance(tp, type) and issubclass(tp, enum.Enum) and not isinstance(value, tp):
             try:
@@ -157,7 +169,7 @@ class TaskSpec:
     n_test: int = 4096
     """Held-out samples for the test loss (ignored where the population loss is exact)."""
     components: tuple[Component, ...] = ()
-    """Gaussian-mixture target; empty means SCIENCE.md example A (1-D)."""
+    """Gaussian-mixture target; empty means the 1-D example target of docs/science.md."""
     measure: Measure = Measure.LEBESGUE
     measure_std: float = 2.0
     """Std of the Gaussian input measure (measure=gaussian)."""
@@ -318,9 +330,7 @@ def to_dict(obj: Any) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Inverse of :func:`to_dict` for the specs of this module (unknown keys are errors)."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - names
     _require(not unknown, f"unknown keys for {cls.__name__}: {sorted(unknown)}")

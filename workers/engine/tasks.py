@@ -13,7 +13,7 @@ from .specs import Component, InputDist, Measure, TaskKind, TaskSpec
 
 Tensor = torch.Tensor
 
-#: SCIENCE.md example A: f = (1/3) [N(x;-2,0.5) - 2 N(x;0,1) + N(x;2,0.5)] (second argument = variance).
+#: Example A of docs/science.md: f = (1/3) [N(x;-2,0.5) - 2 N(x;0,1) + N(x;2,0.5)] (second argument = variance).
 EXAMPLE_A = (
     Component(1.0 / 3.0, (-2.0,), 0.5),
     Component(-2.0 / 3.0, (0.0,), 1.0),
