@@ -337,14 +337,20 @@ def close_in_background(pool: Pool) -> threading.Thread:
 
 
 def make_pool(backend: str, *, address: str | None, device: str, workers: int | None, cpus_per_worker: int,
-              max_retries: int) -> Pool:
+              max_retries: int, py_modules: Sequence[str] = ()) -> Pool:
+    """``py_modules``: local packages or .py files the workers must import (a user's target function),
+    shipped through Ray's runtime environment."""
     if backend == "local":
         if address:
             raise PoolError("--address needs execution.backend=ray")
         return LocalPool(device, max_retries)
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}}
+    env: dict[str, Any] = {}
+    if address:
+        env["env_vars"] = {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    if py_modules:
+        env["py_modules"] = list(py_modules)
     return RayPool(address, device=device, workers=workers, cpus_per_worker=cpus_per_worker,
-                   max_retries=max_retries, runtime_env=env if address else None)
+                   max_retries=max_retries, runtime_env=env or None)
 
 
 __all__ = ["JobFailure", "LocalPool", "Pool", "PoolError", "RayPool", "close_in_background", "make_pool",

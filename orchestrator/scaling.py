@@ -34,6 +34,7 @@ from . import analysis
 from .config import ScalingConfig, dump
 from .plan import NetworkPlan, load_jobs, plan_networks, plan_packs, save_jobs
 from .pool import JobFailure, Pool, close_in_background, make_pool, open_beside
+from .userdata import DataShipper, modules_for_workers
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,8 @@ class ScalingSweep:
                 "bd_rate": sp.bd_rate, "bd_scheme": sp.bd_scheme.value, "task": v.task.kind.value,
                 "dim": v.task.dim,
             }
+            if v.task.content_hash:
+                params["content_hash"] = v.task.content_hash
             run = self.tracker.start_child(self.parent, net.key, net.key, params,
                                            {"mfsweep.key": net.key, "mfsweep.variant": net.variant})
             self.child[net_id] = run
@@ -259,9 +262,11 @@ class ScalingSweep:
         closer: threading.Thread | None = None
         try:
             if todo:
+                code = modules_for_workers(v.task for _, v in self.variants)
                 pool = open_beside(lambda: make_pool(
                     ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                    cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries), self._open_tracking)
+                    cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, py_modules=code),
+                    self._open_tracking)
             else:
                 self._open_tracking()
             if self.results and plan_path.exists():
@@ -275,6 +280,8 @@ class ScalingSweep:
                                       memory_bytes=pool.memory_bytes, checkpoint_dir=self.out / "checkpoints",
                                       skip=set(self.results))
                     save_jobs(jobs, plan_path)
+                shipper = DataShipper()  # a dataset's arrays: read once here, to the workers via the object store
+                jobs = [shipper.attach(j) for j in jobs]
                 self.console.print(
                     f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
                     f"{pool.device} worker(s); MLflow {self.tracking_uri}", soft_wrap=True)

@@ -65,6 +65,7 @@ from .plan import _pack_key, balance
 from .pool import JobFailure, close_in_background, make_pool, open_beside
 from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
 from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
+from .userdata import DataShipper, modules_for_workers
 
 __all__ = ["SearchRun", "StorageError", "network_spec", "resume_search", "run_search_cli", "suggest"]
 
@@ -328,6 +329,7 @@ class SearchRun:
         self.stop = threading.Event()
         self.live: dict[int, _Live] = {}
         self._resolved: dict[str, tuple[ScalingConfig, int]] = {}
+        self._shipper = DataShipper()  # a dataset's arrays go to the object store once per search
         self._progress: Progress | None = None
         self._task_id: Any = None
         self._done_before = 0
@@ -397,9 +399,11 @@ class SearchRun:
         done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
         ex = cfg.execution
         if done < target or self._fidelity_todo() or self._reeval_todo():
+            code = modules_for_workers([cfg.task])
             pool = open_beside(lambda: make_pool(
                 ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries), self._open_tracking)
+                cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, py_modules=code),
+                self._open_tracking)
         else:
             pool = None
             self._open_tracking()
@@ -633,7 +637,7 @@ class SearchRun:
                     pack_id=f"{self.search_key[:8]}-{tag}-{len(jobs)}", task=task_spec, model=model,
                     dynamics=dyn, networks=specs,
                     data_seed=self.cfg.search.seed if data_seed is None else data_seed,
-                    dtype=c.execution.dtype, checkpoint=None))
+                    dtype=c.execution.dtype, checkpoint=None, data=self._shipper.data_for(task_spec)))
         jobs.sort(key=lambda j: -j.cost)
         return jobs
 

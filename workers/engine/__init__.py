@@ -21,6 +21,7 @@ from .rng import derive_seed, generator
 from .specs import (
     Algorithm,
     Component,
+    DataSpec,
     DynamicsSpec,
     InitSpec,
     InputDist,
@@ -37,12 +38,14 @@ from .specs import (
     from_dict,
     to_dict,
 )
-from .tasks import EXAMPLE_A, Task, gaussian_overlap, make_task
+from .tasks import EXAMPLE_A, SPLIT_KEYS, SplitArrays, Task, gaussian_overlap, import_target, make_task
 
 __all__ = [
     "EXAMPLE_A",
+    "SPLIT_KEYS",
     "Algorithm",
     "Component",
+    "DataSpec",
     "DataStream",
     "DynamicsSpec",
     "InitSpec",
@@ -59,6 +62,7 @@ __all__ = [
     "Resampling",
     "Retired",
     "Scheme",
+    "SplitArrays",
     "Task",
     "TaskKind",
     "TaskSpec",
@@ -69,6 +73,7 @@ __all__ = [
     "from_dict",
     "gaussian_overlap",
     "generator",
+    "import_target",
     "init_particles",
     "make_task",
     "probabilities",

@@ -41,7 +41,7 @@ from .specs import (
     from_dict,
     to_dict,
 )
-from .tasks import GaussianMixtureTask, Task, make_task
+from .tasks import GaussianMixtureTask, SplitArrays, Task, make_task
 
 Tensor = torch.Tensor
 CHECKPOINT_FORMAT = 1
@@ -252,7 +252,9 @@ class Pack:
         data_seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        data: SplitArrays | None = None,
     ) -> None:
+        """``data``: the prepared arrays of a dataset task (shipped beside the spec, never in it)."""
         if not networks:
             raise ValueError("a pack needs at least one network")
         ids = [sp.net_id for sp in networks]
@@ -263,7 +265,7 @@ class Pack:
         self.data_seed = data_seed
         self.device = torch.device(device)
         self.dtype = dtype
-        self.task = make_task(task, self.device, dtype)
+        self.task = make_task(task, self.device, dtype, data)
         check_compatible(self.task, model, dynamics)
         self.exact = uses_exact_energy(self.task, model, dynamics)
         self.data = DataStream(self.task, dynamics, data_seed, self.exact)
@@ -614,7 +616,8 @@ class Pack:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Pack:
+    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu",
+             data: SplitArrays | None = None) -> Pack:
         """Rebuild a pack from :meth:`save`; continuing it equals an uninterrupted run (bit for bit on CPU)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -628,6 +631,7 @@ class Pack:
             data_seed=meta["data_seed"],
             device=device,
             dtype=getattr(torch, meta["dtype"]),
+            data=data,
         )
         pack.load_state_dict(state, meta)
         return pack
