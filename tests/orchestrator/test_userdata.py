@@ -304,3 +304,18 @@ def test_dataset_scaling_and_search_on_ray(files: dict[str, Path], tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     for pts in _summary_points(out).values():
         assert all(p["status"] == "finished" for p in pts), pts
+
+
+def test_shipped_user_configs_validate(tmp_path: Path) -> None:
+    """configs/user/: the wine example after its first step (export), the function example from the repo."""
+    from examples.export_sklearn import export
+
+    csv = export("wine", tmp_path / "wine.csv")
+    wine = cfgmod.load(ROOT / "configs" / "user" / "wine_dataset.yaml", [f"task.path={csv}"])
+    assert (wine.task.dim, wine.task.out_dim, wine.task.n_train + wine.task.n_test) == (13, 3, 178)
+    ridge = cfgmod.load(ROOT / "configs" / "user" / "ridge_function.yaml", [f"task.module_dir={ROOT}"])
+    assert ridge.task.out_dim == 1 and ridge.task.content_hash
+    for cfg in (wine, ridge):
+        variants = dict(cfg.variant_configs())
+        assert any(v.dynamics.birth_death.rate > 0 for v in variants.values())
+        assert {v.model.parametrization.value for v in variants.values()} == {"mean_field", "ntk"}
