@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from workers.engine import (
     Algorithm,
     Component,
+    DataSpec,
     DynamicsSpec,
     InitSpec,
     InputDist,
@@ -64,34 +65,83 @@ class ComponentConfig(Strict):
 
 class TaskConfig(Strict):
     kind: TaskKind = TaskKind.TEACHER
-    """teacher | gaussian_mixture | spherical_3spin | digits."""
+    """teacher | gaussian_mixture | spherical_3spin | digits | dataset (your file) | function (your callable)."""
     dim: int = Field(16, ge=1)
-    """Input dimension d (digits: always 64)."""
+    """Input dimension d (digits: always 64; dataset: filled in from the data)."""
     seed: int = 0
     """Seeds the target (teacher weights, couplings) and the test set."""
     out_dim: int = Field(1, ge=1)
-    """Teacher output dimension."""
+    """Teacher output dimension (dataset and function: filled in from the data / the target's output)."""
     teacher_units: int = Field(10, ge=1)
     """ReLU units of the teacher network."""
     inputs: InputDist = InputDist.SPHERE
-    """Input law of the teacher task: sphere | gaussian."""
+    """Input law of the teacher and function tasks: sphere | gaussian | uniform_box ([-1, 1]^d)."""
     n_train: int = Field(4096, ge=1)
-    """Fixed training set size (gd without closed form; sgd with finite_set)."""
+    """Fixed training set size (gd without closed form; sgd with finite_set; dataset: filled in)."""
     n_test: int = Field(4096, ge=1)
-    """Held-out test samples (unused where the population loss is exact)."""
+    """Held-out test samples (unused where the population loss is exact; dataset: filled in)."""
     components: list[ComponentConfig] = Field(default_factory=list)
     """Gaussian-mixture target; empty = the 1-D example target of docs/science.md."""
     measure: Measure = Measure.LEBESGUE
     """Gaussian-mixture input measure: lebesgue (exact energy) | gaussian (samplable)."""
     measure_std: float = Field(2.0, gt=0)
     """Std of the Gaussian input measure."""
+    path: str | None = None
+    """dataset: the data file, .npz (arrays x_key/y_key), .npy (one 2-D array), .csv or .parquet."""
+    test_path: str | None = None
+    """dataset: a given test split (same layout); None = split task.path by test_fraction with task.seed."""
+    x_key: str = "x"
+    """dataset, .npz: the inputs array."""
+    y_key: str = "y"
+    """dataset, .npz: the targets (or labels) array."""
+    features: list[str | int] = Field(default_factory=list)
+    """dataset, .csv/.parquet/.npy: input columns (names, or indices for .npy); empty = all but the targets."""
+    targets: list[str | int] = Field(default_factory=list)
+    """dataset, .csv/.parquet: target columns (required); .npy: indices (default the last column)."""
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    """dataset: share of the rows held out for the test loss."""
+    standardize_inputs: bool = True
+    """dataset: centre and scale each input by the training part's mean and std."""
+    standardize_targets: bool = False
+    """dataset, regression: the same for the targets (the loss is then in units of the target's std)."""
+    classification: bool = False
+    """dataset: the one target column holds labels (integers or strings) -> one-hot targets, squared loss."""
+    target: str | None = None
+    """function: 'package.module:function', mapping a (P, d) tensor to (P,) or (P, k)."""
+    module_dir: str | None = None
+    """function: folder the target's module is imported from (default: the working directory); on Ray its
+    top-level package or module is shipped to the workers (runtime_env py_modules)."""
+    content_hash: str | None = None
+    """dataset/function: filled in from the data / the target's module source; a set value must match (a
+    resume on changed data is refused)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _user_problem(cls, data: Any, handler: Any) -> TaskConfig:
+        # The user's file or callable is read and checked here, before anything starts (orchestrator/userdata).
+        cfg: TaskConfig = handler(data)
+        from .userdata import DataError, resolve
+
+        try:
+            found = resolve(cfg)
+        except DataError as err:  # pydantic puts this under 'task:' already
+            raise ValueError(str(err).removeprefix("task.")) from None
+        return cfg.model_copy(update=found) if found else cfg
 
     def spec(self) -> TaskSpec:
+        data = None
+        if self.kind is TaskKind.DATASET and self.path:
+            data = DataSpec(
+                path=self.path, test_path=self.test_path, x_key=self.x_key, y_key=self.y_key,
+                features=tuple(self.features), targets=tuple(self.targets), test_fraction=self.test_fraction,
+                standardize_inputs=self.standardize_inputs, standardize_targets=self.standardize_targets,
+                classification=self.classification)
         return TaskSpec(
             kind=self.kind, dim=self.dim, seed=self.seed, out_dim=self.out_dim,
             teacher_units=self.teacher_units, inputs=self.inputs, n_train=self.n_train, n_test=self.n_test,
             components=tuple(Component(c.weight, tuple(c.mean), c.var) for c in self.components),
-            measure=self.measure, measure_std=self.measure_std,
+            measure=self.measure, measure_std=self.measure_std, data=data, target=self.target or "",
+            content_hash=self.content_hash or "",
         )
 
 

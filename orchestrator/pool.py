@@ -540,15 +540,22 @@ def close_in_background(pool: Pool) -> threading.Thread:
 
 
 def make_pool(backend: str, *, address: str | None, device: str, workers: int | None, cpus_per_worker: int,
-              max_retries: int, max_workers: int | None = None, wait_for_workers_s: float = 3600.0) -> Pool:
+              max_retries: int, max_workers: int | None = None, wait_for_workers_s: float = 3600.0,
+              py_modules: Sequence[str] = ()) -> Pool:
+    """``py_modules``: local packages or .py files the workers must import (a user's target function),
+    shipped through Ray's runtime environment."""
     if backend == "local":
         if address:
             raise PoolError("--address needs execution.backend=ray")
         return LocalPool(device, max_retries)
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}}
+    env: dict[str, Any] = {}
+    if address:
+        env["env_vars"] = {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    if py_modules:
+        env["py_modules"] = list(py_modules)
     return RayPool(address, device=device, workers=workers, cpus_per_worker=cpus_per_worker,
                    max_retries=max_retries, max_workers=max_workers, wait_for_workers_s=wait_for_workers_s,
-                   runtime_env=env if address else None)
+                   runtime_env=env or None)
 
 
 __all__ = ["JobFailure", "LocalPool", "Pool", "PoolError", "RayPool", "WorkersLost", "close_in_background",

@@ -44,6 +44,7 @@ from .pool import (
     make_pool,
     open_beside,
 )
+from .userdata import DataShipper, modules_for_workers
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,8 @@ class ScalingSweep:
                 "bd_rate": sp.bd_rate, "bd_scheme": sp.bd_scheme.value, "task": v.task.kind.value,
                 "dim": v.task.dim,
             }
+            if v.task.content_hash:
+                params["content_hash"] = v.task.content_hash
             # The step cap is a tag, not a param: extending a sweep raises it, and MLflow params never change.
             name = mlflow_view.child_run_name(net.variant, sp.width, net.replicate)
             run = self.tracker.start_child(self.parent, net.key, name, params,
@@ -382,10 +385,11 @@ class ScalingSweep:
         closer: threading.Thread | None = None
         try:
             if todo:
+                code = modules_for_workers(v.task for _, v in self.variants)
                 pool = open_beside(lambda: make_pool(
                     ex.backend, address=self.address, device=ex.device, workers=ex.workers,
                     cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, max_workers=ex.max_workers,
-                    wait_for_workers_s=ex.wait_for_workers_s), self._open_tracking)
+                    wait_for_workers_s=ex.wait_for_workers_s, py_modules=code), self._open_tracking)
             else:
                 self._open_tracking()
             if self.results and plan_path.exists():
@@ -400,6 +404,8 @@ class ScalingSweep:
                                       memory_bytes=pool.memory_bytes, checkpoint_dir=self.out / "checkpoints",
                                       skip={n for n in self.by_id if self._settled(n)})
                     save_jobs(jobs, plan_path)
+                shipper = DataShipper()  # a dataset's arrays: read once here, to the workers via the object store
+                jobs = [shipper.attach(j) for j in jobs]
                 self.console.print(
                     f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
                     f"{pool.device} worker(s); MLflow {redact(self.tracking_uri)}", soft_wrap=True)

@@ -77,6 +77,7 @@ from .pool import (
 )
 from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
 from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
+from .userdata import DataShipper, modules_for_workers
 
 __all__ = ["SearchRun", "StorageError", "network_spec", "resume_search", "run_search_cli", "suggest"]
 
@@ -324,6 +325,7 @@ class SearchRun:
         self.stop = threading.Event()
         self.live: dict[int, _Live] = {}
         self._resolved: dict[str, tuple[ScalingConfig, int]] = {}
+        self._shipper = DataShipper()  # a dataset's arrays go to the object store once per search
         self._progress: Progress | None = None
         self._task_id: Any = None
         self._done_before = 0
@@ -396,10 +398,11 @@ class SearchRun:
         done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
         ex = cfg.execution
         if done < target or self._fidelity_todo() or self._reeval_todo():
+            code = modules_for_workers([cfg.task])
             pool = open_beside(lambda: make_pool(
                 ex.backend, address=self.address, device=ex.device, workers=ex.workers,
                 cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, max_workers=ex.max_workers,
-                wait_for_workers_s=ex.wait_for_workers_s), self._open_tracking)
+                wait_for_workers_s=ex.wait_for_workers_s, py_modules=code), self._open_tracking)
         else:
             pool = None
             self._open_tracking()
@@ -647,7 +650,7 @@ class SearchRun:
                     dynamics=dyn, networks=specs,
                     data_seed=self.cfg.search.seed if data_seed is None else data_seed,
                     dtype=c.execution.dtype, kernel=c.execution.kernel, precision=c.execution.precision,
-                    checkpoint=None))
+                    checkpoint=None, data=self._shipper.data_for(task_spec)))
         jobs.sort(key=lambda j: -j.cost)
         return jobs
 

@@ -69,13 +69,15 @@ class PackRunner:
         """Train ``job`` to the end, yielding every report; checkpoint every ``checkpoint_every`` steps."""
         t0 = time.perf_counter()
         ck = Path(job.checkpoint) if job.checkpoint else None
+        # A dataset's arrays arrive as an object-store reference (Ray) or as the arrays (local pool).
+        data = ray.get(job.data) if isinstance(job.data, ray.ObjectRef) else job.data
         if ck is not None and ck.exists():
-            pack = Pack.load(ck, device=self.device, kernel=job.kernel, precision=job.precision)
+            pack = Pack.load(ck, device=self.device, kernel=job.kernel, precision=job.precision, data=data)
             pack.extend(job.dynamics)  # a finished sweep continued to more steps (mfsweep resume --set)
         else:
             pack = Pack(job.task, job.model, job.dynamics, job.networks, data_seed=job.data_seed,
                         device=self.device, dtype=getattr(torch, job.dtype), kernel=job.kernel,
-                        precision=job.precision)
+                        precision=job.precision, data=data)
         start = pack.step
         last_saved = start
         # A restarted pack first replays what it reported before its checkpoint: the driver may have died

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .engine import DynamicsSpec, ModelSpec, NetworkSpec, Report, TaskSpec
 
@@ -25,6 +26,9 @@ class PackJob:
     checkpoint: str | None = None
     """Path (shared by all nodes) of this pack's checkpoint file."""
     checkpoint_every: int = 200
+    data: Any = field(default=None, compare=False, repr=False)
+    """A dataset task's prepared arrays (a dict, see ``SplitArrays``), or a Ray ObjectRef to them: the driver
+    reads the data once and ships it through Ray's object store. Never written to plan.json."""
 
     @property
     def cost(self) -> float:

@@ -15,6 +15,7 @@ from .compat import SpecTraits, check_compatible, traits
 from .specs import (
     Algorithm,
     Component,
+    DataSpec,
     DynamicsSpec,
     InitSpec,
     InputDist,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # the lazily loaded names, for type checkers and IDEs
         uses_exact_energy,
     )
     from .rng import derive_seed, generator
-    from .tasks import EXAMPLE_A, Task, gaussian_overlap, make_task
+    from .tasks import EXAMPLE_A, SPLIT_KEYS, SplitArrays, Task, gaussian_overlap, import_target, make_task
 
 #: Torch-backed names -> the submodule that defines them.
 _LAZY = {
@@ -56,7 +57,8 @@ _LAZY = {
     **dict.fromkeys(("DataStream", "NetMetrics", "Pack", "Report", "Retired", "estimate_pack_bytes",
                      "init_particles", "uses_exact_energy"), "pack"),
     **dict.fromkeys(("derive_seed", "generator"), "rng"),
-    **dict.fromkeys(("EXAMPLE_A", "Task", "gaussian_overlap", "make_task"), "tasks"),
+    **dict.fromkeys(("EXAMPLE_A", "SPLIT_KEYS", "SplitArrays", "Task", "gaussian_overlap", "import_target",
+                     "make_task"), "tasks"),
 }
 
 
@@ -75,8 +77,10 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "EXAMPLE_A",
+    "SPLIT_KEYS",
     "Algorithm",
     "Component",
+    "DataSpec",
     "DataStream",
     "DynamicsSpec",
     "Estimate",
@@ -96,6 +100,7 @@ __all__ = [
     "Retired",
     "Scheme",
     "SpecTraits",
+    "SplitArrays",
     "StopRule",
     "Task",
     "TaskKind",
@@ -107,6 +112,7 @@ __all__ = [
     "from_dict",
     "gaussian_overlap",
     "generator",
+    "import_target",
     "init_particles",
     "make_task",
     "probabilities",

@@ -47,7 +47,7 @@ from .specs import (
     to_dict,
 )
 from .stopping import Estimate, Window
-from .tasks import GaussianMixtureTask, Task, make_task
+from .tasks import GaussianMixtureTask, SplitArrays, Task, make_task
 
 Tensor = torch.Tensor
 CHECKPOINT_FORMAT = 1
@@ -281,7 +281,9 @@ class Pack:
         dtype: torch.dtype = torch.float32,
         kernel: str = "auto",
         precision: str = "ieee",
+        data: SplitArrays | None = None,
     ) -> None:
+        """``data``: the prepared arrays of a dataset task (shipped beside the spec, never in it)."""
         if not networks:
             raise ValueError("a pack needs at least one network")
         ids = [sp.net_id for sp in networks]
@@ -292,7 +294,7 @@ class Pack:
         self.data_seed = data_seed
         self.device = torch.device(device)
         self.dtype = dtype
-        self.task = make_task(task, self.device, dtype)
+        self.task = make_task(task, self.device, dtype, data)
         check_compatible(self.task, model, dynamics)
         self.exact = uses_exact_energy(self.task, model, dynamics)
         self.data = DataStream(self.task, dynamics, data_seed, self.exact)
@@ -732,7 +734,7 @@ class Pack:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu", *, kernel: str = "auto",
-             precision: str = "ieee") -> Pack:
+             precision: str = "ieee", data: SplitArrays | None = None) -> Pack:
         """Rebuild a pack from :meth:`save`; continuing it equals an uninterrupted run (bit for bit on CPU with
         the same ``kernel``)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -749,6 +751,7 @@ class Pack:
             dtype=getattr(torch, meta["dtype"]),
             kernel=kernel,
             precision=precision,
+            data=data,
         )
         pack.load_state_dict(state, meta)
         return pack

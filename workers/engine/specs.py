@@ -77,8 +77,11 @@ class LrSchedule(str, enum.Enum):
 
 
 class InputDist(str, enum.Enum):
+    """Input law: N(0, I_d), uniform on the unit sphere S^(d-1), or uniform on the box [-1, 1]^d."""
+
     GAUSSIAN = "gaussian"
     SPHERE = "sphere"
+    UNIFORM_BOX = "uniform_box"
 
 
 class Measure(str, enum.Enum):
@@ -93,6 +96,10 @@ class TaskKind(str, enum.Enum):
     GAUSSIAN_MIXTURE = "gaussian_mixture"
     SPHERICAL_3SPIN = "spherical_3spin"
     DIGITS = "digits"
+    DATASET = "dataset"
+    """The user's data from a file (arrays shipped to the workers beside the spec)."""
+    FUNCTION = "function"
+    """The user's Python callable f(x) on a (P, d) tensor."""
 
 
 class NetStatus(str, enum.Enum):
@@ -150,6 +157,27 @@ class Component:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """Where a dataset task's arrays come from and how they were prepared. The engine never reads the file:
+    the driver reads it once and ships the prepared arrays; these fields name the data (plan, checkpoints)."""
+
+    path: str
+    """Absolute path of the data file (.npz, .npy, .csv, .parquet)."""
+    test_path: str | None = None
+    """A given test-split file (same format and keys); None = split ``path`` by ``test_fraction``."""
+    x_key: str = "x"
+    y_key: str = "y"
+    features: tuple[str | int, ...] = ()
+    """Input columns (names for CSV/Parquet, indices for .npy); empty = every column but the targets."""
+    targets: tuple[str | int, ...] = ()
+    test_fraction: float = 0.25
+    standardize_inputs: bool = True
+    standardize_targets: bool = False
+    classification: bool = False
+    """Integer (or string) labels become one-hot targets for the squared loss."""
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """A target function with its input measure; everything random derives from ``seed``."""
 
@@ -173,9 +201,18 @@ class TaskSpec:
     measure: Measure = Measure.LEBESGUE
     measure_std: float = 2.0
     """Std of the Gaussian input measure (measure=gaussian)."""
+    data: DataSpec | None = None
+    """kind=dataset: the file and its preparation (dim, out_dim, n_train, n_test are the prepared sizes)."""
+    target: str = ""
+    """kind=function: 'package.module:function', a callable on a (P, d) tensor returning (P,) or (P, k)."""
+    content_hash: str = ""
+    """Hash of the data (dataset) or of the target's module source (function): two sweeps on different data
+    never share a pack key, a plan or MLflow params, and a resume on changed data is refused."""
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
+        _require(self.kind is not TaskKind.DATASET or self.data is not None, "task.kind=dataset needs task.path")
+        _require(self.kind is not TaskKind.FUNCTION or bool(self.target), "task.kind=function needs task.target")
         _require(self.dim >= 1, f"task.dim must be >= 1, got {self.dim}")
         _require(self.out_dim >= 1, f"task.out_dim must be >= 1, got {self.out_dim}")
         _require(self.teacher_units >= 1, f"task.teacher_units must be >= 1, got {self.teacher_units}")

@@ -4,8 +4,11 @@ couplings, training and test sets on every process."""
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -29,6 +32,21 @@ def _cpu_gen(seed: int, stream: int) -> torch.Generator:
 def _sphere(n: int, d: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
     x = torch.randn(n, d, generator=gen, device=device, dtype=dtype)
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def draw_inputs(dist: InputDist, n: int, d: int, gen: torch.Generator, device: torch.device,
+                dtype: torch.dtype) -> Tensor:
+    """n inputs from ``dist``: N(0, I_d), uniform on S^(d-1), or uniform on [-1, 1]^d."""
+    if dist is InputDist.GAUSSIAN:
+        return torch.randn(n, d, generator=gen, device=device, dtype=dtype)
+    if dist is InputDist.UNIFORM_BOX:
+        return 2.0 * torch.rand(n, d, generator=gen, device=device, dtype=dtype) - 1.0
+    return _sphere(n, d, gen, device, dtype)
+
+
+def input_sq_norm(dist: InputDist, d: int) -> float:
+    """E|x|^2 under ``dist``."""
+    return {InputDist.GAUSSIAN: float(d), InputDist.SPHERE: 1.0, InputDist.UNIFORM_BOX: d / 3.0}[dist]
 
 
 def gaussian_overlap(
@@ -141,15 +159,13 @@ class TeacherTask(Task):
 
     @property
     def input_sq_norm(self) -> float:
-        return float(self.dim) if self.spec.inputs is InputDist.GAUSSIAN else 1.0
+        return input_sq_norm(self.spec.inputs, self.dim)
 
     def target(self, x: Tensor) -> Tensor:
         return torch.relu(x @ self.w.T) @ self.c
 
     def _draw(self, n: int, gen: torch.Generator) -> Tensor:
-        if self.spec.inputs is InputDist.GAUSSIAN:
-            return torch.randn(n, self.dim, generator=gen, device=self.device, dtype=self.dtype)
-        return _sphere(n, self.dim, gen, self.device, self.dtype)
+        return draw_inputs(self.spec.inputs, n, self.dim, gen, self.device, self.dtype)
 
 
 class Spherical3SpinTask(Task):
@@ -320,14 +336,109 @@ class DigitsTask(Task):
         raise ValueError("the digits task is a finite dataset; set dynamics.finite_set=true for sgd")
 
 
+#: The prepared arrays of a dataset task: x_train (N, d), y_train (N, k), x_test (M, d), y_test (M, k).
+SplitArrays = Mapping[str, Any]
+SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DatasetTask(Task):
+    """The user's finite dataset. The driver reads, splits and standardises it once and ships the arrays
+    (``data``); without them the task still knows its sizes (planning) but has no samples."""
+
+    def __init__(self, spec: TaskSpec, device: torch.device, dtype: torch.dtype,
+                 data: SplitArrays | None = None) -> None:
+        super().__init__(spec, device, dtype)
+        self._sq_norm = 1.0
+        if data is not None:
+            missing = [k for k in SPLIT_KEYS if k not in data]
+            if missing:
+                raise ValueError(f"dataset arrays lack {missing}")
+            # Copies: arrays from Ray's object store are read-only views.
+            t = {k: torch.tensor(data[k], dtype=torch.float64) for k in SPLIT_KEYS}
+            for split in ("train", "test"):
+                x, y = t[f"x_{split}"], t[f"y_{split}"]
+                if x.shape[1:] != (spec.dim,) or y.shape[1:] != (spec.out_dim,):
+                    raise ValueError(f"dataset {split} arrays {tuple(x.shape)}/{tuple(y.shape)} do not match the "
+                                     f"spec (dim {spec.dim}, out_dim {spec.out_dim}); the data changed")
+            self._train = (t["x_train"].to(device, dtype), t["y_train"].to(device, dtype))
+            self._test = (t["x_test"].to(device, dtype), t["y_test"].to(device, dtype))
+            self._sq_norm = max(float(t["x_train"].pow(2).sum(1).mean()), 1e-12)
+
+    @property
+    def samplable(self) -> bool:
+        return False
+
+    @property
+    def input_sq_norm(self) -> float:
+        return self._sq_norm
+
+    def train_set(self) -> tuple[Tensor, Tensor]:
+        if self._train is None:
+            raise ValueError("the dataset's arrays were not shipped with this pack (PackJob.data is empty)")
+        return self._train
+
+    def test_set(self) -> tuple[Tensor, Tensor]:
+        if self._test is None:
+            raise ValueError("the dataset's arrays were not shipped with this pack (PackJob.data is empty)")
+        return self._test
+
+    def target(self, x: Tensor) -> Tensor:
+        raise ValueError("a dataset task has no target function off its data; use its train/test sets")
+
+    def _draw(self, n: int, gen: torch.Generator) -> Tensor:
+        raise ValueError("a dataset task is finite; set dynamics.finite_set=true for sgd")
+
+
+def import_target(target: str) -> Callable[[Tensor], Tensor]:
+    """The callable named 'package.module:function' (ImportError/AttributeError/TypeError when it is not)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"task.target must look like 'package.module:function', got {target!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{target} is not callable")
+    return obj
+
+
+class FunctionTask(Task):
+    """The user's target f on a (P, d) tensor, (P,) or (P, k) out; inputs from ``spec.inputs``. Fresh samples
+    for online SGD, the fixed train/test sets otherwise. The module is imported on the worker (on a
+    cluster it arrives through Ray's runtime environment)."""
+
+    def __init__(self, spec: TaskSpec, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(spec, device, dtype)
+        self.fn = import_target(spec.target)
+
+    @property
+    def input_sq_norm(self) -> float:
+        return input_sq_norm(self.spec.inputs, self.dim)
+
+    def target(self, x: Tensor) -> Tensor:
+        y = torch.as_tensor(self.fn(x), device=x.device, dtype=x.dtype)
+        y = y.unsqueeze(1) if y.dim() == 1 else y
+        if y.shape != (x.shape[0], self.out_dim):
+            raise ValueError(f"{self.spec.target} returned shape {tuple(y.shape)} for inputs {tuple(x.shape)}; "
+                             f"expected ({x.shape[0]},) or ({x.shape[0]}, {self.out_dim})")
+        return y
+
+    def _draw(self, n: int, gen: torch.Generator) -> Tensor:
+        return draw_inputs(self.spec.inputs, n, self.dim, gen, self.device, self.dtype)
+
+
 _KINDS: dict[TaskKind, type[Task]] = {
     TaskKind.TEACHER: TeacherTask,
     TaskKind.SPHERICAL_3SPIN: Spherical3SpinTask,
     TaskKind.GAUSSIAN_MIXTURE: GaussianMixtureTask,
     TaskKind.DIGITS: DigitsTask,
+    TaskKind.FUNCTION: FunctionTask,
 }
 
 
-def make_task(spec: TaskSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Task:
-    """Build the task named by ``spec.kind`` on ``device``."""
+def make_task(spec: TaskSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              data: SplitArrays | None = None) -> Task:
+    """Build the task named by ``spec.kind`` on ``device``; ``data`` carries a dataset task's arrays."""
+    if TaskKind(spec.kind) is TaskKind.DATASET:
+        return DatasetTask(spec, torch.device(device), dtype, data)
     return _KINDS[TaskKind(spec.kind)](spec, torch.device(device), dtype)
