@@ -81,9 +81,11 @@ def _span(widths: Sequence[int]) -> str:
 
 
 class _Analysis(Protocol):
-    points: Sequence[_Point]
-    n_points: int
-    n_converged: int
+    @property
+    def points(self) -> Sequence[_Point]: ...
+
+    @property
+    def n_converged(self) -> int: ...
 
     def verdict(self) -> str: ...
 
