@@ -253,12 +253,12 @@ def test_no_worker_for_too_long_exits_3_and_resumes(cluster: object, tmp_path: P
     assert_all_finished_once(out, 8)
 
 
-@pytest.mark.xfail(reason="broken by the session-3 merge of issues 10/14/12; fix next session", strict=False)
 def test_preemption_loop_loses_and_duplicates_nothing(cluster: object, tmp_path: Path) -> None:
-    """200 tiny networks while worker nodes are killed at random and replaced, one kill per 20 results."""
+    """200 small networks while worker nodes are killed at random and replaced, one kill per 16 results (a
+    result burst is one pack of 8, so every other pack to finish triggers a kill)."""
     from mlflow import MlflowClient
 
-    steps, every, n = 100, 20, 200
+    steps, every, n, per_kill = 300, 20, 200, 16
     nodes = [add_node(cluster), add_node(cluster)]
     out = tmp_path / "spot"
     drv = scaling(out, cluster.address, sets("[4,8]", 100, steps, every, 8))  # type: ignore[attr-defined]
@@ -267,9 +267,9 @@ def test_preemption_loop_loses_and_duplicates_nothing(cluster: object, tmp_path:
     try:
         seen = 0
         while drv.proc.poll() is None:
-            wait_until(lambda s=seen: len(rows(out)) >= s + 20 or drv.proc.poll() is not None, 300, "results")
+            wait_until(lambda s=seen: len(rows(out)) >= s + per_kill or drv.proc.poll() is not None, 300, "results")
             seen = len(rows(out))
-            if drv.proc.poll() is None and seen < n - 20:
+            if drv.proc.poll() is None and seen < n - per_kill:
                 nodes.append(add_node(cluster))  # the replacement joins, then a random node is preempted
                 victim = nodes.pop(rng.randrange(len(nodes) - 1))
                 cluster.remove_node(victim, allow_graceful=False)  # type: ignore[attr-defined]

@@ -128,7 +128,6 @@ def _sets(items: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
-@pytest.mark.xfail(reason="one case broken by the session-3 merge; fix next session", strict=False)
 def test_bad_input_is_one_line_exit_2(case: str, files: dict[str, Path], tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     make, expected = BAD[case]

@@ -43,6 +43,8 @@ def traits(spec: TaskSpec) -> SpecTraits:
         return SpecTraits(True, Measure(spec.measure) is Measure.GAUSSIAN, spec.dim, 1)
     if kind is TaskKind.DIGITS:
         return SpecTraits(False, False, 64, 10)
+    if kind is TaskKind.DATASET:  # a finite set of samples: sgd needs finite_set (dims filled in by the driver)
+        return SpecTraits(False, False, spec.dim, spec.out_dim)
     return SpecTraits(False, True, spec.dim, spec.out_dim if kind is TaskKind.TEACHER else 1)
 
 
