@@ -254,7 +254,9 @@ def plot_scaling(run: Run, exp: Experiment, variants: list[str], path: Path) -> 
             continue
         ws = np.array([p["width"] for p in pts], float)
         ls = np.array([p["test_loss"] for p in pts], float)
-        ax.scatter(ws, ls, s=10, alpha=0.35, color=f"C{i}", lw=0)
+        conv = np.array([p.get("converged") is True for p in pts])
+        ax.scatter(ws[conv], ls[conv], s=12, alpha=0.5, color=f"C{i}", lw=0)
+        ax.scatter(ws[~conv], ls[~conv], s=12, alpha=0.6, facecolors="none", edgecolors=f"C{i}", lw=0.8)
         uw = np.unique(ws)
         gm = [geo_mean(ls[ws == w]) for w in uw]
         ax.plot(uw, gm, "o", color=f"C{i}", ms=5)
@@ -263,7 +265,13 @@ def plot_scaling(run: Run, exp: Experiment, variants: list[str], path: Path) -> 
             lo, hi = rec["exponent_ci95"]
             grid = np.geomspace(uw[0], uw[-1], 50)
             ax.plot(grid, rec["prefactor"] * grid ** rec["exponent"], color=f"C{i}", lw=1.3,
-                    label=f"{v}: n^{rec['exponent']:.2f} [{lo:.2f}, {hi:.2f}]")
+                    label=f"{v}: n^{rec['exponent']:.2f} [{lo:.2f}, {hi:.2f}] ({rec['n_converged']} conv.)")
+        elif (rec.get("power_all") or {}).get("exponent") is not None:
+            any_fit = True
+            pa = rec["power_all"]
+            grid = np.geomspace(uw[0], uw[-1], 50)
+            ax.plot(grid, pa["prefactor"] * grid ** pa["exponent"], color=f"C{i}", lw=1.0, ls=":",
+                    label=f"{v}: all points n^{pa['exponent']:.2f}, not converged ({rec['regime']})")
     if not any_fit:
         return None
     ws_all = sorted({p["width"] for r in run.summary["variants"] for p in r["points"]})
@@ -277,7 +285,8 @@ def plot_scaling(run: Run, exp: Experiment, variants: list[str], path: Path) -> 
     ax.set_ylim(ylim)
     ax.set_xlabel("width n")
     ax.set_ylabel("final test loss")
-    ax.set_title(f"{exp.name}: final loss vs width (fit, 95% CI)", fontsize=9)
+    ax.set_title(f"{exp.name}: final-window loss vs width (filled: converged, hollow: not; fit on converged, "
+                 "95% CI)", fontsize=8)
     ax.grid(True, which="both", alpha=0.2)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -315,6 +324,13 @@ def machine_line(run: Run) -> str:
             f"git commit {run.tags.get('mfsweep.git_commit', '?')[:10]}.")
 
 
+def _fit_cell(fit: dict | None) -> str:
+    if not fit or fit.get("exponent") is None:
+        return "-"
+    lo, hi = fit["exponent_ci95"]
+    return f"{fit['exponent']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def render(exp: Experiment, run: Run, fig_dir: Path) -> str:
     variants = list(exp.variants) or [r["name"] for r in run.summary["variants"]]
     widths = sorted({w for (_, w) in run.curves})
@@ -337,7 +353,7 @@ def render(exp: Experiment, run: Run, fig_dir: Path) -> str:
     header = ["variant"] + [f"n = {w}" for w in widths]
     has_fit = len(widths) > 1
     if has_fit:
-        header += ["exponent [95% CI]", "prefactor", "R²"]
+        header += ["converged", "exponent on converged [95% CI]", "all points [95% CI]", "regime"]
     rows = []
     by_name = {r["name"]: r for r in run.summary["variants"]}
     for v in variants:
@@ -349,17 +365,24 @@ def render(exp: Experiment, run: Run, fig_dir: Path) -> str:
             cell = fmt(geo_mean(vals)) if vals else "-"
             if len(vals) > 1:
                 cell += f" ({fmt(min(vals), 2)}..{fmt(max(vals), 2)})"
+            conv = [p.get("converged") for p in rec["points"] if p["width"] == w and p["status"] == "finished"]
+            if conv and all(c is not None for c in conv):
+                cell += f" {sum(bool(c) for c in conv)}/{len(conv)}c"
             if bad:
                 cell += f" [{bad} not finished]"
             row.append(cell)
         if has_fit:
-            if rec["exponent"] is None:
-                row += ["-", "-", "-"]
-            else:
-                lo, hi = rec["exponent_ci95"]
-                row += [f"{rec['exponent']:.3f} [{lo:.3f}, {hi:.3f}]", fmt(rec["prefactor"]), f"{rec['r2']:.3f}"]
+            row += [f"{rec.get('n_converged', '?')}/{rec.get('n_points', '?')}", _fit_cell(rec.get("power")),
+                    _fit_cell(rec.get("power_all")), rec.get("regime", "?")]
         rows.append(row)
-    parts.append("Final test loss, geometric mean over seeds (min..max):\n\n" + table(header, rows) + "\n")
+    parts.append("Result of each network: mean test loss over its final window; geometric mean over seeds "
+                 "(min..max), then k/m c = converged networks of m (docs/convergence.md). The exponent is fitted "
+                 "on converged points only; the all-points fit includes unconverged ones and is not the "
+                 "long-time law unless the regime is width-limited (docs/analysis.md):\n\n"
+                 + table(header, rows) + "\n")
+    if has_fit:
+        parts.append("Verdicts (summary.json):\n\n" + "\n".join(
+            f"- `{v}`: {by_name[v].get('verdict', '-')}" for v in variants) + "\n")
 
     if exp.at_steps:
         parts.append(at_steps_tables(exp, run, variants, widths))

@@ -213,10 +213,11 @@ class StopConfig(Strict):
     stationary over the final window (dynamics.steps is then the cap). Either way each result is the mean
     over the final window and says whether it converged (docs/convergence.md)."""
     window: int = Field(1000, ge=1)
-    """Steps of the final window (at most the last half of the run): the estimate and the plateau test."""
-    rel_tol: float = Field(0.02, gt=0)
-    """Converged when the relative decrease of the test loss over the window is surely (see confidence)
-    below this."""
+    """The final window (the estimate and the plateau test) is the last quarter of the run but at least this
+    many steps (and at most the last half of the run)."""
+    rel_tol: float = Field(0.1, gt=0)
+    """Converged when the relative decrease of the test loss that the window's trend predicts over a doubling
+    of the training time is surely (see confidence) below this (docs/convergence.md)."""
     confidence: float = Field(2.0, ge=0)
     """Standard errors added to the measured decrease before comparing it with rel_tol (one-sided)."""
     min_steps: int = Field(0, ge=0)

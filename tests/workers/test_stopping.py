@@ -70,6 +70,24 @@ def test_known_plateau_stops_within_the_window() -> None:
     assert plateau < stop <= plateau + WINDOW
 
 
+def test_a_slow_power_law_tail_is_not_converged_until_it_flattens() -> None:
+    """L = 1 + B t^-0.8: at step t the share of the loss still to go is f = B t^-0.8 / L, and the local
+    log-log slope is -0.8 f. The test projects the window's trend over a doubling of t, so it stops only once
+    0.8 f ln 2 < tol (f < 0.18 for tol 0.1), however long the run: a test over a fixed window of W steps
+    would already stop with half of the loss still to go."""
+    b = 1.5 * 2000**0.8  # f = 0.6 at t = 2000
+    curve = [(t, 1.0 + b * max(t, 1) ** -0.8) for t in range(0, 60001, EVERY)]
+    stop = first_stop(curve, tol=0.1)
+    assert stop is not None
+    f_stop = (b * stop**-0.8) / (1 + b * stop**-0.8)
+    assert 0.12 < f_stop < 0.18, f_stop  # within ~2 tol of the limit, and not long after it got there
+    def share(t: int) -> float:
+        return (b * t**-0.8) / (1 + b * t**-0.8)
+
+    per_window = next(t for t, _ in curve if t >= WINDOW and 0.8 * share(t) * WINDOW / t < 0.1)
+    assert share(per_window) > 0.45 and per_window < stop  # what a per-window test would call converged
+
+
 def test_mean_and_standard_error_over_the_window() -> None:
     rng = random.Random(0)
     pts = [(t, 2.0 + rng.gauss(0, 0.1)) for t in range(1000, 2001, 10)]
@@ -168,7 +186,7 @@ def test_converged_network_retires_and_pack_mates_are_unchanged() -> None:
 
 def test_fixed_rule_reports_convergence_at_the_cap() -> None:
     dyn = DynamicsSpec(algorithm=Algorithm.SGD, steps=400, batch_size=32, eval_every=10, stop_window=100,
-                       stop_rel_tol=0.05, stop_z=1.0)
+                       stop_rel_tol=0.2, stop_z=1.0)
     pack = Pack(TEACHER, MODEL, dyn, NETS, data_seed=5, dtype=F64, device=DEVICE)
     run_reports(pack)
     assert all(r.step == 400 for r in pack.retired.values())

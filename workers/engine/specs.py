@@ -295,9 +295,11 @@ class DynamicsSpec:
     """A network whose loss is non-finite or above this is retired as diverged."""
     stop_rule: StopRule = StopRule.FIXED
     stop_window: int = 1000
-    """Steps of the final window (the estimate and the plateau test; at most the last half of the run)."""
-    stop_rel_tol: float = 0.02
-    """Plateau: the upper confidence bound of the relative decrease over the window must be below this."""
+    """The final window (the estimate and the plateau test): the last quarter of the run, at least this many
+    steps, at most the last half."""
+    stop_rel_tol: float = 0.1
+    """Plateau: the upper confidence bound of the relative decrease the window's trend predicts over a
+    doubling of the training time must be below this (workers/engine/stopping.py)."""
     stop_z: float = 2.0
     """Plateau: that bound is this many standard errors above the measured decrease (one-sided)."""
     stop_min_steps: int = 0

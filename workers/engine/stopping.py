@@ -1,19 +1,24 @@
 """Stationarity of a network's test loss: the final-window estimate and the plateau test.
 
 The 1/n law is a long-time law, so each network's result says whether it reached stationarity. At every
-report a network's test loss joins its *window*: the reports of the last ``window`` steps, and never more
-than the last half of the run so far (so a short run's mean is not dragged up by its early, falling losses).
+report a network's test loss joins its *window*: the reports of the last quarter of the run, at least the
+last ``window`` steps, and never more than the last half of the run so far (so a short run's mean is not
+dragged up by its early, falling losses).
 Over the window:
 
 * the result is the **mean** of the test loss with its **standard error**, the latter corrected for the
   serial correlation of successive reports (SGD's noise floor wanders slowly): n_eff = m (1 - r) / (1 + r)
   with r the lag-1 autocorrelation, clipped to [0, 0.9];
 * the **plateau test**: the least-squares slope b of log L against the step t, with its standard error
-  (residuals, same correction), gives the relative decrease per window D = -b W (W = ``window`` steps, also
-  while the run is young and its window shorter). The network is converged when even the upper confidence
-  bound of that decrease, (-b + z SE(b)) W, is below ``rel_tol``: a curve must *show* that it stopped falling,
-  so noise alone rarely stops a network that is still decreasing by more than the tolerance (the test is
-  one-sided at z standard errors);
+  (residuals, same correction), projected over a **doubling of the training time**: D = -b H with the
+  horizon H = max(W, t ln 2) (W = ``window`` steps). D is the relative decrease the window's trend predicts
+  if the network trained as long again; on a power-law tail L ~ t^s it is -s ln 2 whatever t, so the test is
+  about the long-time regime, not about one window's worth of steps (a fixed window would call any slow
+  tail converged once t >> W: at t = 13000, a curve still falling as t^-0.6 loses only 5% per 1000 steps).
+  The network is converged when even the upper confidence bound of that decrease, (-b + z SE(b)) H, is
+  below ``rel_tol``: a curve must *show* that it stopped falling, so noise alone rarely stops a network that
+  is still decreasing (the test is one-sided at z standard errors). Where the remaining tail decays like
+  1/t the converged loss is within about 2 rel_tol of its limit;
 * the **final slope** d log L / d log t (least squares against log t), the quantity the theory's long-time
   regime is about, reported for every network.
 
@@ -50,8 +55,16 @@ class Estimate:
 
 
 def window_start(step: int, window: int) -> int:
-    """First step of the window ending at ``step``: the last ``window`` steps, at most the last half."""
-    return max(step - window, (step + 1) // 2)
+    """First step of the window ending at ``step``: the last quarter of the run but at least the last
+    ``window`` steps, and at most the last half. It grows with the run because the plateau test projects
+    over a doubling of the run: a window of fixed length would give it an error growing with t."""
+    return max(step - max(window, step // 4), (step + 1) // 2)
+
+
+def horizon(step: int, window: int) -> float:
+    """Steps over which the plateau test projects the window's trend: a doubling of the run (at least the
+    window itself)."""
+    return max(float(window), step * math.log(2.0))
 
 
 def _lag1(values: Sequence[float]) -> float:
@@ -118,7 +131,7 @@ def estimate(points: Sequence[tuple[int, float]], *, window: int, rel_tol: float
     fit = _ols(steps, logs) if m >= MIN_POINTS and pts[-1][0] >= window else None
     if fit is not None:
         b, se_b = fit
-        converged = (-b + z * se_b) * window < rel_tol
+        converged = (-b + z * se_b) * horizon(pts[-1][0], window) < rel_tol
     return Estimate(mean=mean, se=se, slope=slope, converged=converged, n_points=m, start=pts[0][0])
 
 
@@ -137,4 +150,4 @@ class Window:
         return estimate(self.points, window=window, rel_tol=rel_tol, z=z)
 
 
-__all__ = ["MIN_POINTS", "Estimate", "Window", "estimate", "window_start"]
+__all__ = ["MIN_POINTS", "Estimate", "Window", "estimate", "horizon", "window_start"]
