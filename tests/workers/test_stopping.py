@@ -184,6 +184,19 @@ def test_converged_network_retires_and_pack_mates_are_unchanged() -> None:
         assert a.estimate.converged == b.estimate.converged
 
 
+def test_birth_death_network_is_judged_only_after_its_quench() -> None:
+    """A network whose birth-death ends at a quench is not stopped while birth-death runs, and its window
+    never reaches back across the quench (a floor under birth-death says nothing of the loss after it)."""
+    steps, quench = 600, 200
+    dyn = _plateau(steps, stop_rel_tol=1.0, bd_quench=quench)  # so loose that anything stationary would stop
+    nets = [NetworkSpec(1, 8, seed=1, lr=0.5, bd_rate=0.05), NetworkSpec(2, 8, seed=1, lr=0.5)]
+    pack = Pack(TEACHER, MODEL, dyn, nets, data_seed=5, dtype=F64, device=DEVICE)
+    run_reports(pack)
+    bd, plain = pack.retired[1], pack.retired[2]
+    assert plain.step < steps - quench  # without birth-death the loose test stops it early
+    assert bd.step >= steps - quench and bd.estimate is not None and bd.estimate.start >= steps - quench
+
+
 def test_fixed_rule_reports_convergence_at_the_cap() -> None:
     dyn = DynamicsSpec(algorithm=Algorithm.SGD, steps=400, batch_size=32, eval_every=10, stop_window=100,
                        stop_rel_tol=0.2, stop_z=1.0)

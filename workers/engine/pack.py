@@ -291,6 +291,7 @@ class Pack:
             raise ValueError(f"network ids must be unique within a pack, got duplicates in {ids}")
         self.task_spec, self.model, self.dynamics = task, model, dynamics
         self.networks = tuple(networks)
+        self._bd_rate = {sp.net_id: sp.bd_rate for sp in self.networks}
         self.data_seed = data_seed
         self.device = torch.device(device)
         self.dtype = dtype
@@ -589,6 +590,15 @@ class Pack:
         self.retired[rec.net_id] = rec
         self._pending.append(rec)
 
+    def _final_phase(self, net_id: int) -> int:
+        """First step of the network's final dynamics: where a birth-death quench begins for a network that
+        runs birth-death, else 0. Its window never reaches back across that step, and the plateau rule does
+        not stop it before: a loss stationary under birth-death says nothing of the loss after it."""
+        d = self.dynamics
+        if d.bd_quench > 0 and self._bd_rate[net_id] > 0:
+            return d.steps - d.bd_quench
+        return 0
+
     def _estimate(self, net_id: int) -> Estimate | None:
         d = self.dynamics
         return self.windows[net_id].estimate(window=d.stop_window, rel_tol=d.stop_rel_tol, z=d.stop_z)
@@ -606,6 +616,8 @@ class Pack:
                 self.capped.add(nid)
         elif d.stop_rule is StopRule.PLATEAU and self.step >= d.stop_min_steps:
             for nid in self.running:
+                if self.step < self._final_phase(nid):
+                    continue
                 est = self._estimate(nid)
                 if est is not None and est.converged:
                     self.retire(nid, NetStatus.FINISHED, f"converged at step {self.step}", last[nid], est)
@@ -667,7 +679,8 @@ class Pack:
             gone = {nid for nid, _ in diverged}
             for m in metrics:
                 if m.net_id not in gone:
-                    self.windows[m.net_id].add(m.step, m.test_loss, self.dynamics.stop_window)
+                    self.windows[m.net_id].add(m.step, m.test_loss, self.dynamics.stop_window,
+                                               not_before=self._final_phase(m.net_id))
             self._stop({m.net_id: m.test_loss for m in metrics})
             rec = Report(self.step, tuple(metrics), tuple(self._pending), self.done, events)
             self._pending = []

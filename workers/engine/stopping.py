@@ -141,9 +141,11 @@ class Window:
     def __init__(self, points: Sequence[tuple[int, float]] = ()) -> None:
         self.points: list[tuple[int, float]] = [(int(t), float(v)) for t, v in points]
 
-    def add(self, step: int, loss: float, window: int) -> None:
+    def add(self, step: int, loss: float, window: int, not_before: int = 0) -> None:
+        """Add a report and drop those before the window (and before ``not_before``: the start of the
+        network's final dynamics, e.g. the end of birth-death)."""
         self.points.append((step, loss))
-        first = window_start(step, window)
+        first = max(window_start(step, window), not_before)
         self.points = [(t, v) for t, v in self.points if t >= first]
 
     def estimate(self, *, window: int, rel_tol: float, z: float) -> Estimate | None:
