@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -193,6 +194,19 @@ def test_diverging_network_recorded_and_sweep_goes_on(tmp_path: Path) -> None:
     assert all("lower dynamics.lr" in r.reason for r in res.values() if r.status == "diverged")
 
 
+def wait_for(event: Callable[[], bool], what: str, proc: subprocess.Popen[str] | None = None,
+             timeout: float = 240.0) -> None:
+    """Poll until ``event()`` holds: an observable event (a file written), never a fixed sleep; fails loudly
+    when it does not happen in time or when ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while not event():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"ended before {what}: {proc.stdout.read() if proc.stdout else ''}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout}s")
+        time.sleep(0.05)
+
+
 def _run_cli(out: Path, extra: list[str]) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "orchestrator.cli", "scaling", "--out", str(out), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -206,15 +220,9 @@ def test_resume_after_killed_driver(tmp_path: Path) -> None:
             "execution.max_networks_per_pack=2", "execution.backend=local"]
     extra = [x for s in sets for x in ("--set", s)]
     proc = _run_cli(out, extra)
-    deadline = time.time() + 240
     # Kill the driver once some networks finished and others are mid-way (checkpoints exist).
-    while time.time() < deadline:
-        n_done = len(read_results(out / "results.jsonl"))
-        if n_done >= 2 and list((out / "checkpoints").glob("*.pt")):
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"sweep ended before it could be killed: {proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.2)
+    wait_for(lambda: len(read_results(out / "results.jsonl")) >= 2 and any((out / "checkpoints").glob("*.pt")),
+             "two results and a checkpoint", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = read_results(out / "results.jsonl")
@@ -240,9 +248,7 @@ def test_ctrl_c_keeps_results_and_says_how_to_resume(tmp_path: Path) -> None:
             "dynamics.eval_every=50", "dynamics.batch_size=32", "task.n_test=128", "execution.backend=local",
             "execution.checkpoint_every=50"]
     proc = _run_cli(out, [x for s in sets for x in ("--set", s)])
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((out / "checkpoints").glob("*.pt")):
-        time.sleep(0.2)
+    wait_for(lambda: any((out / "checkpoints").glob("*.pt")), "checkpoint", proc, timeout=120)
     proc.send_signal(signal.SIGINT)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, text
@@ -280,9 +286,11 @@ def test_multinode_worker_killed_mid_sweep(tmp_path: Path) -> None:
 
         def killer() -> None:
             # Wait until packs are mid-way on both nodes (checkpoints written), then kill one node.
-            deadline = time.time() + 180
-            while time.time() < deadline and len(list((out / "checkpoints").glob("*.pt"))) < 2:
-                time.sleep(0.1)
+            deadline = time.monotonic() + 180
+            while len(list((out / "checkpoints").glob("*.pt"))) < 2:
+                if time.monotonic() > deadline:
+                    return  # never killed: the test fails on `killed`
+                time.sleep(0.05)
             cluster.remove_node(workers[0], allow_graceful=False)
             killed.set()
 

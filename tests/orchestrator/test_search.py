@@ -428,8 +428,12 @@ def test_search_on_ray_pool(tmp_path: Path) -> None:
     leaves its pack on the actor before the end: it trains fewer particle-steps than a full run, so the search
     as a whole trains fewer than the same six trials without a pruner (6 full runs)."""
     out = tmp_path / "out"
-    full = WIDTH * 200  # particle-steps of one network that trains to the end
-    cfg = write_cfg(tmp_path, trials=6, parallel=6, space=BD_SPACE, dynamics={"steps": 200, "eval_every": 10},
+    # The actor runs ahead of the driver (its reports stream): a pack that ends in a few ms finishes before a
+    # retire request reaches it. So the networks train long enough, and the last rung of successive halving
+    # (10 * 3^4 = 810 steps) leaves 1190 steps for the request to cross.
+    steps = 2000
+    full = WIDTH * steps  # particle-steps of one network that trains to the end
+    cfg = write_cfg(tmp_path, trials=6, parallel=6, space=BD_SPACE, dynamics={"steps": steps, "eval_every": 10},
                     pruner={"name": "successive_halving", "min_resource": 10, "reduction_factor": 3})
     assert search(cfg, out, "--backend", "ray") == 0
     trials = journal_study(out).get_trials()
