@@ -8,22 +8,35 @@ Last line of stdout is one JSON object:
     enqueue_points_per_s             caller-side rate of log_metrics alone (never waits on the store)
     log_batch_points_per_s           Tracker with fast_sql=False (MlflowClient.log_batch), on a sample
     naive_points_per_s               one MlflowClient.log_metric call per point, on a small sample
-MLflow is imported here only to read back and for the naive baseline.
+    unreachable_fail_s               Tracker() against a port nothing listens on: seconds until it raises
+With --outage (starts a real `mlflow server`, then kills it):
+    outage_points, outage_log_s      caller-side time of log_metrics for that many points while the server
+                                     is dead (the queue takes them; nothing waits for the server)
+    give_up_retry_max_s, give_up_s   flush() with the server dead, from its call until it raises "not written"
+                                     (the Tracker stops retrying after retry_max_s)
+These timings were asserts in tests/orchestrator/test_tracking.py; they are figures here, the tests keep the
+behaviour. MLflow is imported here only to read back and for the naive baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import Tracker, TrackingError
 
 
 def value(run: int, metric: int, step: int) -> float:
@@ -76,6 +89,76 @@ def naive_rate(uri: str, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unreachable_fail_s() -> float:
+    t0 = time.perf_counter()
+    try:
+        Tracker(f"http://127.0.0.1:{free_port()}", "nowhere")
+    except TrackingError:
+        return time.perf_counter() - t0
+    raise RuntimeError("a Tracker to a port nothing listens on did not raise")
+
+
+def start_server(root: Path, timeout: float = 180.0) -> tuple[subprocess.Popen[bytes], str]:
+    """A real `mlflow server` on SQLite in its own process group; returns it once /health answers."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (root / "server.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc, uri
+        except OSError:
+            time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError(f"mlflow server did not come up in {timeout}s")
+
+
+def outage(root: Path, points: int, retry_max_s: float) -> dict[str, float]:
+    """Kill the server under a Tracker: how long logging takes for the caller, and when flush gives up."""
+    proc, uri = start_server(root)
+    try:
+        tr = Tracker(uri, "outage", flush_interval_s=0.05, retry_max_s=retry_max_s)
+        parent = tr.start_parent("outage", {}, {"mfsweep.sweep_key": "outage"})
+        tr.log_metrics(parent, {"m": 0.0}, 0)
+        tr.flush(timeout=60)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t0 = time.perf_counter()
+        for step in range(1, points + 1):
+            tr.log_metrics(parent, {"m": float(step)}, step)
+        log_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            tr.flush(timeout=600)
+            raise RuntimeError("flush succeeded with the server dead")
+        except TrackingError as err:
+            if "not written" not in str(err):
+                raise
+        give_up_s = time.perf_counter() - t0
+        with contextlib.suppress(TrackingError):  # it gave up: close reports the loss again
+            tr.close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return {"outage_points": points, "outage_log_s": round(log_s, 4), "give_up_retry_max_s": retry_max_s,
+            "give_up_s": round(give_up_s, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=200_000)
@@ -84,6 +167,9 @@ def main() -> None:
     ap.add_argument("--log-batch-points", type=int, default=40_000, help="sample for the log_batch path")
     ap.add_argument("--naive-points", type=int, default=500, help="sample for the naive baseline")
     ap.add_argument("--dir", type=Path, default=None, help="store folder (default: a temporary one)")
+    ap.add_argument("--outage", action="store_true", help="also time logging and giving up with the server dead")
+    ap.add_argument("--outage-points", type=int, default=10_500)
+    ap.add_argument("--retry-max-s", type=float, default=1.5, help="the Tracker's retry_max_s in the outage")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +181,7 @@ def main() -> None:
         batch_t, _, _ = run_tracker(uri, "bench-log_batch", args.log_batch_points, args.runs, args.metrics,
                                     fast_sql=False)
         naive = naive_rate(uri, args.naive_points)
+        down = outage(root, args.outage_points, args.retry_max_s) if args.outage else {}
     result = {
         "points": main_t["points"],
         "seconds": round(main_t["seconds"], 3),
@@ -107,6 +194,8 @@ def main() -> None:
         "log_batch_points_per_s": round(batch_t["points"] / batch_t["seconds"]),
         "naive_points": args.naive_points,
         "naive_points_per_s": round(naive, 1),
+        "unreachable_fail_s": round(unreachable_fail_s(), 3),
+        **down,
     }
     print(json.dumps(result))
 

@@ -250,27 +250,44 @@ def test_server_restart_mid_sweep_loses_no_point(mlflow_server: MlflowServer, tm
             assert steps_logged == want, (run["info"]["run_name"], key, len(steps_logged))
 
 
-def test_optuna_round_trip_through_postgres(postgres_db: Callable[[str], str]) -> None:
-    """Two threads write trials to one PostgreSQL study; another process reads the same study back."""
+def test_search_keeps_its_study_in_postgres(postgres_db: Callable[[str], str], tmp_path: Path) -> None:
+    """`mfsweep search --storage postgresql+psycopg://...` (the URL form the deployment uses): the trials of two
+    parallel networks land in PostgreSQL, not in a local journal, and what the search reports (summary.json,
+    best_config.yaml) is what the stored study holds."""
     import optuna
     import psycopg
+    import yaml
 
     url = psycopg_url(postgres_db("optuna"))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=url, study_name="deploy-roundtrip", direction="minimize")
-    study.optimize(lambda t: (t.suggest_float("x", -3.0, 3.0) - 1.0) ** 2, n_trials=8, n_jobs=2)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "tiny", "task": {"kind": "teacher", "dim": 4, "teacher_units": 3, "n_test": 128},
+        "model": {"unit": "relu"},
+        "dynamics": {"algorithm": "sgd", "lr": 0.2, "steps": 40, "batch_size": 32, "eval_every": 10},
+        "execution": {"backend": "local", "device": "cpu"},
+        "search": {"trials": 4, "parallel": 2, "width": 8, "sampler": {"name": "random", "seed": 0},
+                   "pruner": {"name": "none"},
+                   "space": {"dynamics.lr": {"type": "float", "low": 0.01, "high": 2.0, "log": True}}}}))
+    out = tmp_path / "search"
+    proc = subprocess.run([str(MFSWEEP), "search", str(cfg), "--out", str(out), "--storage", url,
+                           "--study", "deploy-search", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "optuna.journal").exists()
 
-    code = (f"import json, optuna; s = optuna.load_study(study_name='deploy-roundtrip', storage={url!r}); "
-            "print(json.dumps([len(s.trials), s.best_value, s.best_params]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    n, best, params = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert n == 8
-    assert best == pytest.approx(study.best_value)
-    assert params == study.best_params
+    study = optuna.load_study(study_name="deploy-search", storage=url)
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["storage"].startswith("postgresql+psycopg://") and summary["n_trials"] == 4
+    assert summary["best"]["number"] == study.best_trial.number
+    assert summary["best"]["value"] == pytest.approx(study.best_value)
+    from orchestrator.config import load
+
+    assert load(out / "best_config.yaml").dynamics.lr == pytest.approx(study.best_params["dynamics.lr"])
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        (rows,) = conn.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()
-    assert rows == 8  # the trials live in PostgreSQL, not in a local file
+        row = conn.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()
+    assert row == (4,)
 
 
 def test_init_databases_script_against_postgres(postgres_server: str, tmp_path: Path) -> None:

@@ -317,6 +317,9 @@ def test_postgres_storage_resume_and_stale_trial(tmp_path: Path, postgres_db: Ca
     foreign.suggest_float("dynamics.lr", 0.01, 5.0, log=True)
     foreign.set_user_attr(KEY_ATTR, "another-search")
     hb.record_heartbeat(foreign._trial_id)
+    # Not a race: this heartbeat is never renewed, so 3 s later it is past the 2 s grace by construction.
+    # Staleness is a matter of time, and Optuna's only public way to observe it (fail_stale_trials) would do
+    # the driver's job under test.
     time.sleep(3)
 
     # Same command with a larger budget: continues the study (storage and study come from the folder).
@@ -345,7 +348,18 @@ def test_postgres_storage_resume_and_stale_trial(tmp_path: Path, postgres_db: Ca
 # --------------------------------------------------------------------------- multi-objective, fidelity, Ray
 
 
-def test_pareto_front(tmp_path: Path) -> None:
+def test_pareto_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optuna.visualization import matplotlib as ovm
+
+    drawn: list[Any] = []  # the Axes behind pareto_front.png, kept to read what was drawn
+
+    def keep(*args: Any, **kwargs: Any) -> Any:
+        ax = plot_pareto_front(*args, **kwargs)
+        drawn.append(ax)
+        return ax
+
+    plot_pareto_front = ovm.plot_pareto_front
+    monkeypatch.setattr(ovm, "plot_pareto_front", keep)
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path, trials=6, parallel=3, objective={"mode": "pareto"},
                     sampler={"name": "nsga2", "seed": 0, "population_size": 4},
@@ -362,40 +376,82 @@ def test_pareto_front(tmp_path: Path) -> None:
         dominated = any(o.values[0] <= f["values"][0] and o.values[1] <= f["values"][1]
                         and o.values != f["values"] for o in done)
         assert not dominated
-    assert (out / "pareto_front.png").stat().st_size > 5000
+    # The plot holds every complete trial at (loss, particle-steps), on axes named after the two objectives.
+    assert (out / "pareto_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(drawn) == 1
+    ax = drawn[0]
+    points = sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
+    assert points == sorted((t.values[0], t.values[1]) for t in done)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("final test loss", "particle-steps")
 
 
 def test_width_fidelity_spearman(tmp_path: Path) -> None:
+    """Planted ranking: four learning rates a factor 4 apart, 40 steps; a larger step trains further at every
+    width, so the order of the width-4 losses carries over to width 16 and the reported rank correlation is 1.
+    It equals scipy's Spearman rho over the width-4 losses (the study) and the width-16 losses (the PROMOTED
+    MLflow runs), both read independently of the fidelity report."""
+    from scipy.stats import spearmanr
+
     out = tmp_path / "out"
-    cfg = write_cfg(tmp_path, trials=5, parallel=5, fidelity={"widths": [4, 16], "top_k": 3})
+    lrs = [0.01, 0.04, 0.16, 0.64]
+    cfg = write_cfg(tmp_path, trials=4, parallel=4, fidelity={"widths": [4, 16], "top_k": 4})
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(
+        str(_mkdir(out) / "optuna.journal"))))
+    for lr in lrs:
+        study.enqueue_trial({"dynamics.lr": lr})
     assert search(cfg, out) == 0
     client, summary, _ = children(out)
     fid = summary["fidelity"]
-    assert len(fid["trials"]) == 3 and all(r["losses"]["16"] is not None for r in fid["trials"])
-    rho = fid["spearman"]["16"]
-    assert rho is not None and -1.0 <= rho <= 1.0
-    parent = client.get_run(summary["mlflow"]["parent_run_id"])
-    assert parent.data.metrics["fidelity.spearman.w4_w16"] == pytest.approx(rho)
+    small = {t.number: t.values[0] for t in journal_study(out).get_trials() if t.state == TrialState.COMPLETE}
+    assert sorted(small) == [0, 1, 2, 3]
     promoted = client.search_runs([summary["mlflow"]["experiment_id"]],
                                   filter_string="tags.`optuna.state` = 'PROMOTED'")
-    assert len(promoted) == 3 and all(r.data.params["width"] == "16" for r in promoted)
+    assert len(promoted) == 4 and all(r.data.params["width"] == "16" for r in promoted)
+    large = {int(r.data.tags["mfsweep.trial_number"]): r.data.metrics["final_test_loss"] for r in promoted}
+    assert sorted(large) == [0, 1, 2, 3]
+    by_row = {r["number"]: r["losses"] for r in fid["trials"]}
+    for n in range(4):
+        assert by_row[n]["4"] == pytest.approx(small[n]) and by_row[n]["16"] == pytest.approx(large[n])
+    # The planted order: loss falls with the learning rate at both widths.
+    for losses in (small, large):
+        assert [losses[n] for n in range(4)] == sorted((losses[n] for n in range(4)), reverse=True), losses
+    want = float(spearmanr([small[n] for n in range(4)], [large[n] for n in range(4)]).statistic)
+    rho = fid["spearman"]["16"]
+    assert rho == pytest.approx(want) and rho == pytest.approx(1.0)
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.data.metrics["fidelity.spearman.w4_w16"] == pytest.approx(rho)
     best = fid["best_at_largest_width"]
+    assert best["number"] == min(large, key=large.__getitem__) and best["value"] == pytest.approx(min(large.values()))
     assert summary["best"]["number"] == best["number"] and summary["best"]["value"] == best["value"]
     assert "at width 16" in (out / "best_config.yaml").read_text().splitlines()[0]
 
 
 @pytest.mark.slow
 def test_search_on_ray_pool(tmp_path: Path) -> None:
-    """The default execution: packs on Ray actors, retire requests crossing to the actor."""
+    """The default execution: packs on Ray actors, retire requests crossing to the actor. A pruned network
+    leaves its pack on the actor before the end: it trains fewer particle-steps than a full run, so the search
+    as a whole trains fewer than the same six trials without a pruner (6 full runs)."""
     out = tmp_path / "out"
-    cfg = write_cfg(tmp_path, trials=6, parallel=6, space=BD_SPACE, dynamics={"steps": 200, "eval_every": 10},
+    # The actor runs ahead of the driver (its reports stream): a pack that ends in a few ms finishes before a
+    # retire request reaches it. So the networks train long enough, and the last rung of successive halving
+    # (10 * 3^4 = 810 steps) leaves 1190 steps for the request to cross.
+    steps = 2000
+    full = WIDTH * steps  # particle-steps of one network that trains to the end
+    cfg = write_cfg(tmp_path, trials=6, parallel=6, space=BD_SPACE, dynamics={"steps": steps, "eval_every": 10},
                     pruner={"name": "successive_halving", "min_resource": 10, "reduction_factor": 3})
     assert search(cfg, out, "--backend", "ray") == 0
     trials = journal_study(out).get_trials()
     assert len(trials) == 6 and budget_count(trials) == 6
     for t in trials:
-        assert 0 < t.user_attrs[PS_ATTR] <= WIDTH * 200
+        assert t.user_attrs[PS_ATTR] == WIDTH * t.user_attrs["steps_trained"]
+        if t.state == TrialState.COMPLETE:
+            assert t.user_attrs[PS_ATTR] == full
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "successive halving pruned nothing on the Ray pool"
+    assert all(0 < t.user_attrs[PS_ATTR] < full for t in pruned), [t.user_attrs[PS_ATTR] for t in pruned]
     assert any(t.state == TrialState.COMPLETE for t in trials)
+    assert sum(t.user_attrs[PS_ATTR] for t in trials) < 6 * full
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["particle_steps"] == sum(t.user_attrs[PS_ATTR] for t in trials)
     check_mlflow_matches_study(out, trials)
 
 

@@ -15,9 +15,11 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator import config as cfgmod
 from orchestrator.cli import main as cli_main
+from orchestrator.plan import plan_networks
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPERS = sorted((ROOT / "configs" / "papers").glob("*.yaml"))
@@ -30,14 +32,21 @@ def test_there_are_paper_configs() -> None:
 
 
 @pytest.mark.parametrize("path", PAPERS, ids=[p.stem for p in PAPERS])
-def test_paper_config_loads_and_variants_validate(path: Path) -> None:
+def test_paper_config_loads_plans_and_round_trips(path: Path, tmp_path: Path) -> None:
+    """Each paper config loads (loading enforces the rules: unique variants, quench <= steps, ...), runs the
+    variants its file names, plans one network per (variant, width, seed), and survives the round trip through
+    the config.yaml a run folder keeps for `mfsweep resume`."""
     cfg = cfgmod.load(path)
+    raw = yaml.safe_load(path.read_text())
+    named = [v["name"] for v in raw.get("sweep", {}).get("variants", [])]
     variants = cfg.variant_configs()
-    assert variants, path
-    names = [name for name, _ in variants]
-    assert len(set(names)) == len(names)
-    for name, vcfg in variants:
-        assert vcfg.dynamics.birth_death.quench <= vcfg.dynamics.steps, (path, name)
+    assert [name for name, _ in variants] == (named or [variants[0][0]])
+    nets = plan_networks(cfg)
+    assert len(nets) == len(variants) * len(cfg.sweep.widths) * cfg.sweep.seeds
+    assert len({n.key for n in nets}) == len(nets)
+    kept = tmp_path / "config.yaml"
+    kept.write_text(cfgmod.dump(cfg))
+    assert cfgmod.load(kept) == cfg
     # Every config documents the command that runs it, and the results page shows it.
     text = path.read_text()
     assert f"mfsweep scaling configs/papers/{path.name}" in text, path

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import pytest
 import torch
@@ -269,18 +268,15 @@ def test_example_a_bad_init_birth_death_beats_gd() -> None:
     assert float(z0.mean()) == pytest.approx(-2.0, abs=0.05)
     assert float(z0.std()) == pytest.approx(0.1, rel=0.2)
 
-    start = time.perf_counter()
     energy: dict[int, dict[int, float]] = {}
     right: dict[int, int] = {}
     for rep in pack.train():
         energy[rep.step] = {m.net_id: m.test_loss for m in rep.metrics}
         if rep.step == 2750:  # the last report before the networks finish (and leave the pack)
             right = {i: int((pack.particles(i)[0] > 1.0).sum()) for i in range(3)}
-    elapsed = time.perf_counter() - start
     gd, clone, prior = (energy[1250][i] for i in range(3))
     assert clone < gd / 1.5 and prior < gd / 1.5, energy[1250]
     gd, clone, prior = (energy[3000][i] for i in range(3))
     assert prior < gd / 3, energy[3000]
     assert clone < gd  # no escape, but never worse than GD
     assert right == {0: 0, 1: 0, 2: right[2]} and right[2] > 10, right
-    assert elapsed < 120  # a guard against a pathological slowdown, far above the ~9 s expected
