@@ -9,6 +9,7 @@ MLflow's helpers are imported inside the functions: a rename in MLflow breaks th
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,13 +62,15 @@ def local_ray_env() -> Iterator[None]:
 MLFLOW_SUPPORTED = "mlflow>=3.0,<3.18"
 
 
-def _mlflow(what: str) -> Any:
-    """The MLflow helpers the REST path uses, imported on first use."""
+def _mlflow(what: str) -> dict[str, Any]:
+    """The MLflow helpers the REST path uses, looked up on first use."""
     try:
         from mlflow.protos import service_pb2
         from mlflow.utils import credentials, proto_json_utils, rest_utils
-        return {"rest": rest_utils, "creds": credentials.get_default_host_creds, "pb": service_pb2,
-                "to_json": proto_json_utils.message_to_json}
+        return {"request": rest_utils.http_request, "verify": rest_utils.verify_rest_response,
+                "creds": credentials.get_default_host_creds, "to_json": proto_json_utils.message_to_json,
+                "LogBatch": service_pb2.LogBatch, "UpdateRun": service_pb2.UpdateRun,
+                "RunStatus": service_pb2.RunStatus}
     except (ImportError, AttributeError) as err:
         raise LibraryChanged(f"MLflow's REST helpers are gone ({err}), needed for {what}; install "
                              f"{MLFLOW_SUPPORTED!r}") from None
@@ -78,29 +81,23 @@ def mlflow_request(tracking_uri: str, endpoint: str, body: Mapping[str, Any], *,
     """POST ``body`` to a tracking server's REST ``endpoint`` once (no retries); with ``check``, an error
     answer raises MLflow's ``RestException``/``MlflowException``. Returns the ``requests`` response."""
     m = _mlflow(endpoint)
-    resp = m["rest"].http_request(m["creds"](tracking_uri), endpoint, "POST", max_retries=0, timeout=timeout,
-                                  json=dict(body))
+    resp = m["request"](m["creds"](tracking_uri), endpoint, "POST", max_retries=0, timeout=timeout, json=dict(body))
     if check:
-        m["rest"].verify_rest_response(resp, endpoint)
+        m["verify"](resp, endpoint)
     return resp
 
 
 def log_batch_body(run_id: str, metrics: Sequence[Any], params: Sequence[Any], tags: Sequence[Any]) -> dict:
     """The documented ``runs/log-batch`` JSON body of MLflow entities (NaN and infinities as MLflow's
     protobuf JSON encodes them)."""
-    import json
-
     m = _mlflow("runs/log-batch")
-    msg = m["pb"].LogBatch(run_id=run_id, metrics=[x.to_proto() for x in metrics],
-                           params=[x.to_proto() for x in params], tags=[x.to_proto() for x in tags])
+    msg = m["LogBatch"](run_id=run_id, metrics=[x.to_proto() for x in metrics],
+                        params=[x.to_proto() for x in params], tags=[x.to_proto() for x in tags])
     return dict(json.loads(m["to_json"](msg)))
 
 
 def update_run_body(run_id: str, status: str, end_time_ms: int) -> dict:
     """The documented ``runs/update`` JSON body ending a run."""
-    import json
-
     m = _mlflow("runs/update")
-    pb = m["pb"]
-    msg = pb.UpdateRun(run_id=run_id, run_uuid=run_id, status=pb.RunStatus.Value(status), end_time=end_time_ms)
+    msg = m["UpdateRun"](run_id=run_id, run_uuid=run_id, status=m["RunStatus"].Value(status), end_time=end_time_ms)
     return dict(json.loads(m["to_json"](msg)))

@@ -1,16 +1,19 @@
 """Batched, non-blocking MLflow logging for sweeps of thousands of networks.
 
-This is the only module of the project that imports mlflow. Callers enqueue metrics, params, tags and run
-ends; one background thread groups them per run and writes them in batches, retrying through outages.
+This is the only module of the project that imports mlflow (besides :mod:`.libcompat`'s lazy imports).
+Callers enqueue metrics, params, tags and run ends; one background thread groups them per run and writes them
+in batches, retrying through outages.
 
 Write paths:
     * ``http(s)://`` tracking servers: ``runs/log-batch`` and ``runs/update`` REST calls with MLflow's own
       request code but without its built-in multi-minute retry loop (our own backoff replaces it, so a
-      restarted server is picked up within seconds).
+      restarted server is picked up within seconds). That code is not public API: it is reached only
+      through :mod:`orchestrator.libcompat`, imported when a call needs it.
     * ``sqlite:///`` and ``postgresql://`` stores: metric points go straight into MLflow's ``metrics`` /
-      ``latest_metrics`` tables with one bulk upsert per write cycle (checked against the reflected schema
-      at start). MLflow's ORM-based ``log_batch`` tops out near 8k points/s on SQLite, below the 10k/s a
-      packed GPU sweep produces. Params, tags and run status still go through ``MlflowClient``.
+      ``latest_metrics`` tables with one bulk upsert per write cycle, only on a store whose schema revision
+      (``alembic_version``) is one it was tested with and whose reflected tables and primary keys match.
+      MLflow's ORM-based ``log_batch`` tops out near 8k points/s on SQLite, below the 10k/s a packed GPU
+      sweep produces. Params, tags and run status still go through ``MlflowClient``.
     * any other store: ``MlflowClient.log_batch``.
 """
 

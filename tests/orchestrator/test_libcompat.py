@@ -7,10 +7,15 @@ import inspect
 import logging
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from orchestrator import libcompat
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_local_ray_workers_run_at_the_drivers_priority_without_auth_warning() -> None:
@@ -71,3 +76,30 @@ def test_mlflow_rest_bodies_follow_the_documented_format() -> None:
     assert end["run_id"] == "r1" and end["status"] == "FINISHED" and int(end["end_time"]) == 123
     with pytest.raises(ValueError):
         libcompat.update_run_body("r1", "NOT_A_STATUS", 1)
+
+
+BLOCKED = """
+import sys
+import mlflow.utils.rest_utils, mlflow.utils.validation
+del mlflow.utils.rest_utils.http_request  # as if MLflow renamed its internals
+del mlflow.utils.validation._validate_metric_name
+from orchestrator.tracking import Tracker, TrackingError
+with Tracker(sys.argv[1], "e") as tr:
+    run = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+    tr.log_metrics(run, {"loss": 1.0}, 0)
+try:
+    Tracker("http://127.0.0.1:9", "e")
+except TrackingError as err:
+    print("http:", err)
+"""
+
+
+def test_tracking_does_not_depend_on_mlflows_internals_at_import(tmp_path: Path) -> None:
+    """Without MLflow's internal helpers, a SQLite store still works and an HTTP one fails with one line
+    naming the missing piece and the supported MLflow range."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, uri], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.strip().splitlines()[-1]
+    assert out.startswith("http: MLflow's REST helpers are gone") and libcompat.MLFLOW_SUPPORTED in out, out
