@@ -263,7 +263,7 @@ class _Live:
     run_id: str
     trial: Trial | None = None
     trial_id: int | None = None
-    """The trial's storage id (heartbeats), from the public storage API."""
+    """The trial's storage id, for heartbeats (RDB storages only)."""
     cfg: ScalingConfig | None = None
     seed: int | None = None
     """Initialisation and data seed (None: the search's)."""
@@ -591,7 +591,8 @@ class SearchRun:
         trial.set_user_attr("steps", steps)
         run = self._child(trial.number, params, width, steps, tcfg)
         lv = _Live(trial.number, trial.number, params, width, steps, run, trial=trial,
-                   trial_id=self._trial_id(trial.number), cfg=tcfg, fail_reason=reason)
+                   trial_id=self._trial_id(trial.number) if self.storage.heartbeat else None, cfg=tcfg,
+                   fail_reason=reason)
         self.live[lv.net_id] = lv
         return lv
 
