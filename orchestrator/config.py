@@ -372,6 +372,7 @@ class ScalingConfig(Strict):
         for i, var in enumerate(self.sweep.variants):
             raw = copy.deepcopy(base)
             for key, value in var.set.items():
+                _check_per_variant(key, value, where=f"sweep.variants[{i}] ({var.name}).set")
                 _set_dotted(raw, key, value, where=f"sweep.variants[{i}].set")
             out.append((var.name, _validate(raw, where=f"sweep.variants[{i}] ({var.name})")))
         return out
@@ -423,6 +424,29 @@ def _validate(raw: Mapping[str, Any], where: str) -> ScalingConfig:
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
     return cfg
+
+
+# What a variant may change: the network's task, model and dynamics, and the pack-level numerics (packs are
+# grouped by these: plan.pack_key). The rest (sweep.*, execution's pool and budget settings, name) belongs to
+# the whole sweep.
+PER_VARIANT_SECTIONS = ("task", "model", "dynamics")
+PER_VARIANT_KEYS = ("execution.dtype", "execution.kernel", "execution.precision")
+
+
+def _leaves(key: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{key}.{k}", v)]
+    return [key]
+
+
+def _check_per_variant(key: str, value: Any, where: str) -> None:
+    """ConfigError (one line) for a known key that a variant cannot change (it would be silently ignored)."""
+    for leaf in _leaves(key, value):
+        if leaf.split(".")[0] in PER_VARIANT_SECTIONS or leaf in PER_VARIANT_KEYS or leaf not in KNOWN_KEYS:
+            continue  # unknown keys are reported by validation, with a suggestion
+        allowed = ", ".join([f"{s}.*" for s in PER_VARIANT_SECTIONS] + list(PER_VARIANT_KEYS))
+        raise ConfigError(f"{where}: '{leaf}' applies to the whole sweep, not to one variant; set it at the top "
+                          f"level (a variant may set {allowed})")
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:

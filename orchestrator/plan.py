@@ -48,10 +48,11 @@ def plan_networks(cfg: ScalingConfig) -> list[NetworkPlan]:
     return out
 
 
-def _pack_key(vcfg: ScalingConfig) -> str:
+def pack_key(vcfg: ScalingConfig) -> str:
     """Pack-level settings: networks may share a pack only when these agree."""
+    ex = vcfg.execution
     return json.dumps([to_dict(vcfg.task.spec()), to_dict(vcfg.model.spec()), to_dict(vcfg.dynamics.spec()),
-                       vcfg.execution.dtype], sort_keys=True)
+                       ex.dtype, ex.kernel, ex.precision], sort_keys=True)
 
 
 def _network_cost(spec: NetworkSpec, batch: int) -> float:
@@ -137,13 +138,12 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
     groups: dict[str, list[NetworkPlan]] = {}
     for net in networks:
         if net.net_id not in skip:
-            groups.setdefault(_pack_key(variants[net.variant]), []).append(net)
+            groups.setdefault(pack_key(variants[net.variant]), []).append(net)
     budget = memory_bytes * cfg.execution.memory_fraction
     jobs: list[PackJob] = []
     for nets in groups.values():
         vcfg = variants[nets[0].variant]
         task_spec, model, dyn = vcfg.task.spec(), vcfg.model.spec(), vcfg.dynamics.spec()
-        dtype = cfg.execution.dtype
         batch = _exact_and_batch(vcfg)[1]
         mem = pack_memory(vcfg)
         check_fits(cfg, memory_bytes, [n.spec.width for n in nets], mem)
@@ -161,8 +161,9 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
             jobs.append(PackJob(
                 pack_id=pack_id, task=task_spec, model=model, dynamics=dyn,
                 networks=tuple(sorted((p.spec for p in b), key=lambda s: s.net_id)),
-                data_seed=cfg.sweep.seed, dtype=dtype, kernel=cfg.execution.kernel,
-                precision=cfg.execution.precision,
+                # The variant's numerics (the pack key groups by them), the sweep's pool settings.
+                data_seed=cfg.sweep.seed, dtype=vcfg.execution.dtype, kernel=vcfg.execution.kernel,
+                precision=vcfg.execution.precision,
                 checkpoint=str(checkpoint_dir / f"{pack_id}.pt") if checkpoint_dir else None,
                 checkpoint_every=cfg.execution.checkpoint_every,
             ))

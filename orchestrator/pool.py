@@ -38,11 +38,9 @@ from ray.autoscaler.sdk import request_resources
 from workers.actor import PackRunner, PackWorker
 from workers.jobs import PackEvent, PackJob, WorkerInfo
 
-from . import localray
+from . import libcompat, localray
 
 log = logging.getLogger(__name__)
-# Ray warns at every start that token authentication is on; it stays on (deploy/README.md, SECURITY).
-logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -235,13 +233,12 @@ class RayPool(Pool):
                 self.local = target == "local"
                 if self.local:
                     localray.reap_dead_drivers(log.warning)
-                # Ray runs workers at nice 15: on a machine shared with any other busy process they got
-                # ~3% of a core (a search ran 12x slower beside one study.optimize). A cluster we start
-                # runs them at the driver's priority.
-                system = {"worker_niceness": 0} if self.local else None
-                ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False,
-                         include_dashboard=False if address is None else None, runtime_env=runtime_env,
-                         configure_logging=True, _system_config=system)
+                # A cluster we start keeps token auth on (deploy/README.md, SECURITY) and runs workers at
+                # the driver's priority (libcompat.local_ray_env says why).
+                with libcompat.local_ray_env() if self.local else contextlib.nullcontext():
+                    ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False,
+                             include_dashboard=False if address is None else None, runtime_env=runtime_env,
+                             configure_logging=True)
                 if self.local:
                     localray.record_local_ray()
             except (ConnectionError, RuntimeError, ValueError) as err:

@@ -65,7 +65,7 @@ from workers.jobs import PackEvent, PackJob
 from . import mlflow_view, runfolder
 from .config import ConfigError, ScalingConfig, dump, load
 from .credentials import PASSWORD_ENV, has_password, redact, storage_password, strip_password
-from .plan import _pack_key, balance
+from .plan import balance, pack_key
 from .pool import (
     JobFailure,
     PoolError,
@@ -195,9 +195,23 @@ def _repair_journal(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, FrozenTrial], None]
-                 ) -> tuple[optuna.storages.BaseStorage, str]:
-    """(storage, description): the journal file in ``out`` by default, else an RDB URL (with heartbeat)."""
+@dataclass(frozen=True)
+class Storage:
+    """The Optuna storage a search uses, kept as constructed (Optuna's Study does not expose its storage)."""
+
+    main: optuna.storages.BaseStorage
+    """The study's storage: ask, tell, user attributes by trial id."""
+    desc: str
+    """Where it is, password-free (for messages and tags)."""
+    heartbeat: optuna.storages.RDBStorage | None = None
+    """RDB URLs: a second handle on the same database with Optuna's heartbeat (``record_heartbeat``, and
+    ``fail_stale_trials`` on a study loaded through it). The study itself runs on ``main``, without
+    heartbeat: Optuna warns at every ``ask()`` outside ``optimize()`` on a heartbeat storage, and this driver
+    records heartbeats itself."""
+
+
+def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> Storage:
+    """The journal file in ``out`` by default, else an RDB URL (with a heartbeat handle)."""
     if url is None or url.startswith("journal:") or not re.match(r"^[a-z][a-z0-9+]*://", url):
         path = out / "optuna.journal" if url is None else Path(url.removeprefix("journal:"))
         try:
@@ -209,7 +223,7 @@ def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, F
             if url is None and lock.is_symlink():
                 lock.unlink()
             backend = JournalFileBackend(str(path))
-            return optuna.storages.JournalStorage(backend), f"journal file {path}"
+            return Storage(optuna.storages.JournalStorage(backend), f"journal file {path}")
         except OSError as err:
             raise StorageError(f"cannot use journal file {path}: {err.strerror}; pass a writable --out or "
                                "--storage") from None
@@ -219,8 +233,9 @@ def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, F
         # Handed to the database driver, never put into a URL that could be printed or stored.
         engine["connect_args"] = {"password": password}
     try:
+        main = optuna.storages.RDBStorage(url, engine_kwargs=engine)
         with _quiet():
-            storage = optuna.storages.RDBStorage(
+            heartbeat = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
     except Exception as err:  # sqlalchemy errors, missing drivers, bad URLs
@@ -230,7 +245,7 @@ def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, F
         raise StorageError(f"cannot open Optuna storage {redact(url)}: {redact(first)[:200]}; check --storage "
                            f"(e.g. postgresql://user@host/db, with the password in {PASSWORD_ENV}, PGPASSWORD "
                            "or PGPASSFILE) or omit it for a journal file") from None
-    return storage, redact(url)
+    return Storage(main, redact(url), heartbeat)
 
 
 # --------------------------------------------------------------------------- one trial in flight
@@ -247,6 +262,8 @@ class _Live:
     steps: int
     run_id: str
     trial: Trial | None = None
+    trial_id: int | None = None
+    """The trial's storage id, for heartbeats (RDB storages only)."""
     cfg: ScalingConfig | None = None
     seed: int | None = None
     """Initialisation and data seed (None: the search's)."""
@@ -345,12 +362,13 @@ class SearchRun:
             (out / "state.json").write_text(json.dumps(self._state, indent=1))
             (out / "search.yaml").write_text(dump(self.cfg))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            storage, where = open_storage(self.storage_url, out, self._on_stale)
-            self.storage_desc = where
+            self.storage = open_storage(self.storage_url, out, self._on_stale)
+            self.storage_desc = where = self.storage.desc
             try:
                 self.study = optuna.create_study(
-                    storage=storage, study_name=self.study_name, load_if_exists=True,
+                    storage=self.storage.main, study_name=self.study_name, load_if_exists=True,
                     directions=["minimize"] if self.single else ["minimize", "minimize"])
+                self.study_id = self.storage.main.get_study_id_from_name(self.study_name)
             except ValueError as err:  # an existing study with other directions
                 raise ConfigError(f"study '{self.study_name}' on {where}: {err}; pick another --study"
                                   ) from None
@@ -543,10 +561,7 @@ class SearchRun:
         and ask() pops the oldest WAITING trial (ours, or a retry, which carries the search key too)."""
         if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             self.study.enqueue_trial({}, user_attrs={KEY_ATTR: self.search_key, DRIVER_ATTR: self.driver_id})
-        with warnings.catch_warnings():
-            # We record heartbeats ourselves (see _heartbeat_thread); Optuna only expects optimize() to.
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-            trial = self.study.ask()
+        trial = self.study.ask()
         trial.set_user_attr(KEY_ATTR, self.search_key)
         trial.set_user_attr(DRIVER_ATTR, self.driver_id)
         return trial
@@ -575,7 +590,8 @@ class SearchRun:
         trial.set_user_attr("width", width)
         trial.set_user_attr("steps", steps)
         run = self._child(trial.number, params, width, steps, tcfg)
-        lv = _Live(trial.number, trial.number, params, width, steps, run, trial=trial, cfg=tcfg,
+        lv = _Live(trial.number, trial.number, params, width, steps, run, trial=trial,
+                   trial_id=self._trial_id(trial.number) if self.storage.heartbeat else None, cfg=tcfg,
                    fail_reason=reason)
         self.live[lv.net_id] = lv
         return lv
@@ -611,7 +627,7 @@ class SearchRun:
         groups: dict[str, list[_Live]] = {}
         for lv in lives:
             assert lv.cfg is not None
-            groups.setdefault(_pack_key(lv.cfg), []).append(lv)
+            groups.setdefault(pack_key(lv.cfg), []).append(lv)
         budget = self.pool.memory_bytes * ex.memory_fraction
         jobs: list[PackJob] = []
         for members in groups.values():
@@ -726,14 +742,16 @@ class SearchRun:
             self.study.enqueue_trial(dict(t.params), user_attrs=marks)
         if t.state == TrialState.RUNNING:
             # The public Trial API needs the live object of the process that asked; the storage takes ids.
-            self.study._storage.set_trial_user_attr(t._trial_id, REASON_ATTR, reason)
+            self.storage.main.set_trial_user_attr(self._trial_id(t.number), REASON_ATTR, reason)
             self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
 
     def _recover(self) -> None:
         """Fail and retry the trials of this search that a dead driver left RUNNING (and, with a heartbeat
         storage, stale trials of any driver)."""
-        with _quiet():
-            optuna.storages.fail_stale_trials(self.study)
+        if self.storage.heartbeat is not None:
+            with _quiet():
+                optuna.storages.fail_stale_trials(
+                    optuna.load_study(study_name=self.study_name, storage=self.storage.heartbeat))
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             ours = t.user_attrs.get(KEY_ATTR) == self.search_key
             if ours and t.user_attrs.get(DRIVER_ATTR) != self.driver_id:
@@ -755,18 +773,20 @@ class SearchRun:
             study.enqueue_trial(dict(t.params), user_attrs={RETRY_ATTR: t.number,
                                                             "mfsweep.retry_reason": "heartbeat stale"})
 
+    def _trial_id(self, number: int) -> int:
+        return self.storage.main.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
     def _heartbeat_thread(self) -> None:
         """Record heartbeats of this driver's running trials (RDB storages), so that other drivers sharing the
         study do not fail them as stale."""
-        storage = self.study._storage
-        if not isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) or \
-                storage.get_heartbeat_interval() is None:
+        storage = self.storage.heartbeat
+        if storage is None:
             return
 
         def beat() -> None:
             while not self._hb_stop.wait(HEARTBEAT_S):
                 with contextlib.suppress(Exception):  # a missed beat (or a racing dict) retries next interval
-                    for trial_id in [lv.trial._trial_id for lv in list(self.live.values()) if lv.trial]:
+                    for trial_id in [lv.trial_id for lv in list(self.live.values()) if lv.trial_id is not None]:
                         storage.record_heartbeat(trial_id)
 
         threading.Thread(target=beat, name="mfsweep-optuna-heartbeat", daemon=True).start()

@@ -1,25 +1,30 @@
 """Batched, non-blocking MLflow logging for sweeps of thousands of networks.
 
-This is the only module of the project that imports mlflow. Callers enqueue metrics, params, tags and run
-ends; one background thread groups them per run and writes them in batches, retrying through outages.
+This is the only module of the project that imports mlflow (besides :mod:`.libcompat`'s lazy imports).
+Callers enqueue metrics, params, tags and run ends; one background thread groups them per run and writes them
+in batches, retrying through outages.
 
 Write paths:
     * ``http(s)://`` tracking servers: ``runs/log-batch`` and ``runs/update`` REST calls with MLflow's own
       request code but without its built-in multi-minute retry loop (our own backoff replaces it, so a
-      restarted server is picked up within seconds).
+      restarted server is picked up within seconds). That code is not public API: it is reached only
+      through :mod:`orchestrator.libcompat`, imported when a call needs it.
     * ``sqlite:///`` and ``postgresql://`` stores: metric points go straight into MLflow's ``metrics`` /
-      ``latest_metrics`` tables with one bulk upsert per write cycle (checked against the reflected schema
-      at start). MLflow's ORM-based ``log_batch`` tops out near 8k points/s on SQLite, below the 10k/s a
-      packed GPU sweep produces. Params, tags and run status still go through ``MlflowClient``.
+      ``latest_metrics`` tables with one bulk upsert per write cycle, only on a store whose schema revision
+      (``alembic_version``) is one it was tested with and whose reflected tables and primary keys match.
+      MLflow's ORM-based ``log_batch`` tops out near 8k points/s on SQLite, below the 10k/s a packed GPU
+      sweep produces. Params, tags and run status still go through ``MlflowClient``.
     * any other store: ``MlflowClient.log_batch``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
+import posixpath
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,15 +38,10 @@ import sqlalchemy as sa
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.protos.service_pb2 import LogBatch, UpdateRun
-from mlflow.protos.service_pb2 import RunStatus as ProtoRunStatus
-from mlflow.utils.credentials import get_default_host_creds
-from mlflow.utils.proto_json_utils import message_to_json
-from mlflow.utils.rest_utils import http_request, verify_rest_response
-from mlflow.utils.validation import _validate_metric_name
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from . import libcompat
 from .errors import TrackingError
 
 __all__ = ["Tracker", "TrackerStats", "TrackingError"]
@@ -77,6 +77,10 @@ _PERMANENT_CODES = frozenset({
     "FEATURE_DISABLED", "MALFORMED_REQUEST",
 })
 _MAX_DOUBLE = 1.7976931348623157e308
+# MLflow store schema versions (alembic revisions) the bulk SQL path was tested against: MLflow 3.17's head.
+# A store at any other revision is written through MlflowClient (a newer MLflow may change how it stores or
+# aggregates metrics even where the columns look the same).
+TESTED_SCHEMA_REVISIONS = frozenset({"dc11669786a5"})
 # SQL dialects whose INSERT ... ON CONFLICT the bulk path uses.
 _BULK_DIALECTS: dict[str, Callable[[sa.Table], Any]] = {
     "sqlite": sqlite_insert, "postgresql": postgresql_insert}
@@ -189,6 +193,23 @@ def _quote(value: str) -> str:
     raise ValueError(f"cannot search MLflow for {value!r}: it contains both quote characters")
 
 
+# MLflow's documented rule for metric (and param) names: alphanumerics, underscores, dashes, periods, spaces,
+# slashes and (except on Windows) colons, and a name that is also a valid unique file path.
+_METRIC_NAME = re.compile(r"^[/\w.\- ]*$" if os.name == "nt" else r"^[/\w.\- :]*$")
+
+
+def metric_name_error(name: str) -> str | None:
+    """Why MLflow would reject ``name`` as a metric name, or None."""
+    if not _METRIC_NAME.match(name):
+        allowed = "" if os.name == "nt" else ", colons (:)"
+        return (f"names may only contain alphanumerics, underscores (_), dashes (-), periods (.), spaces ( )"
+                f"{allowed} and slashes (/)")
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(("..", "/")):
+        return f"names are used as file paths and must not resolve to another name (this one resolves to {norm!r})"
+    return None
+
+
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -291,8 +312,10 @@ class Tracker:
         """One quick request without MLflow's retry loop (which takes minutes against a dead server)."""
         endpoint = "/api/2.0/mlflow/experiments/search"
         try:
-            resp = http_request(get_default_host_creds(self.tracking_uri), endpoint, "POST",
-                                max_retries=0, timeout=_PROBE_TIMEOUT_S, json={"max_results": 1})
+            resp = libcompat.mlflow_request(self.tracking_uri, endpoint, {"max_results": 1},
+                                            timeout=_PROBE_TIMEOUT_S, check=False)
+        except libcompat.LibraryChanged as exc:
+            raise TrackingError(str(exc)) from None
         except Exception as exc:
             raise TrackingError(f"cannot reach MLflow tracking server at {self.tracking_uri}: "
                                 f"{_one_line(exc)}; start it (mlflow server ...) or pass "
@@ -350,8 +373,16 @@ class Tracker:
             md = sa.MetaData()
             metrics = sa.Table("metrics", md, autoload_with=engine)
             latest = sa.Table("latest_metrics", md, autoload_with=engine)
+            with engine.connect() as conn:
+                revisions = {str(r) for r in conn.execute(sa.text("SELECT version_num FROM alembic_version"))
+                             .scalars()}
         except Exception as exc:
             _log.info("MLflow bulk SQL path off (%s); using log_batch", _one_line(exc))
+            return
+        if not revisions or not revisions <= TESTED_SCHEMA_REVISIONS:
+            _log.warning("MLflow store schema %s is not one mfsweep's bulk SQL path was tested with; logging "
+                         "metrics through MlflowClient.log_batch (slower)", ",".join(sorted(revisions)) or "unknown")
+            engine.dispose()
             return
         cols = {"key", "value", "timestamp", "step", "is_nan", "run_uuid"}
         latest_pk = {c.name for c in latest.primary_key.columns}
@@ -523,10 +554,9 @@ class Tracker:
         values = {str(k): float(v) for k, v in metrics.items()}
         for k in values:
             if k not in self._valid_keys:
-                try:
-                    _validate_metric_name(k)
-                except MlflowException as exc:
-                    raise ValueError(f"invalid MLflow metric name {k!r}: {exc.message}") from None
+                why = metric_name_error(k)
+                if why is not None:
+                    raise ValueError(f"invalid MLflow metric name {k!r}: {why}")
                 self._valid_keys.add(k)
         floors = self._floors.get(run_id)
         if floors:
@@ -825,20 +855,14 @@ class Tracker:
             self._client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=list(tags),
                                    synchronous=True)
             return
-        body = message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in metrics],
-                                        params=[p.to_proto() for p in params],
-                                        tags=[t.to_proto() for t in tags]))
-        self._post("/api/2.0/mlflow/runs/log-batch", body)
+        self._post("/api/2.0/mlflow/runs/log-batch", libcompat.log_batch_body(run_id, metrics, params, tags))
 
     def _end(self, end: _EndOp) -> None:
         if not self._is_http:
             self._client.set_terminated(end.run_id, end.status, end.end_time_ms)
             return
-        body = message_to_json(UpdateRun(run_id=end.run_id, run_uuid=end.run_id,
-                                         status=ProtoRunStatus.Value(end.status), end_time=end.end_time_ms))
-        self._post("/api/2.0/mlflow/runs/update", body)
+        self._post("/api/2.0/mlflow/runs/update",
+                   libcompat.update_run_body(end.run_id, end.status, end.end_time_ms))
 
-    def _post(self, endpoint: str, body: str) -> None:
-        resp = http_request(get_default_host_creds(self.tracking_uri), endpoint, "POST", max_retries=0,
-                            timeout=_HTTP_TIMEOUT_S, json=json.loads(body))
-        verify_rest_response(resp, endpoint)
+    def _post(self, endpoint: str, body: Mapping[str, Any]) -> None:
+        libcompat.mlflow_request(self.tracking_uri, endpoint, body, timeout=_HTTP_TIMEOUT_S)

@@ -44,6 +44,11 @@ def write(tmp_path: Path, text: str) -> Path:
         ("", ["seeds"], "expected section.key=value"),
         ("sweep: {variants: [{name: a, set: {dynamics.lr: 0}}]}\n", [], "sweep.variants[0] (a): dynamics.lr"),
         ("sweep: {variants: [{name: a}, {name: a}]}\n", [], "variant names must be unique"),
+        ("sweep: {variants: [{name: a, set: {sweep.seeds: 3}}]}\n", [],
+         "sweep.variants[0] (a).set: 'sweep.seeds' applies to the whole sweep, not to one variant"),
+        ("sweep: {variants: [{name: a}, {name: b, set: {execution: {dtype: float64, workers: 2}}}]}\n", [],
+         "sweep.variants[1] (b).set: 'execution.workers' applies to the whole sweep"),
+        ("sweep: {variants: [{name: a, set: {name: other}}]}\n", [], "'name' applies to the whole sweep"),
         ("dynamics: {steps: 10, birth_death: {quench: 20}}\n", [], "exceeds steps"),
         ("model: {init: {c_law: laplace}}\n", [], "model.init.c_law"),
         ("model: {init: {c_law: uniform, c_low: 1, c_high: -1}}\n", [], "model.init: c_low (1.0) must be < c_high"),
@@ -121,3 +126,55 @@ def test_unreachable_tracking_server(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert code == 3
     assert f"127.0.0.1:{port}" in err and "--tracking-uri" in err
+
+
+def test_validate_rejects_a_variant_key_that_cannot_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "sweep:\n  variants:\n    - name: a\n      set: {sweep.widths: [8, 16]}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'sweep.widths' applies to the whole sweep" in err
+
+
+def test_variant_dtype_is_used_end_to_end() -> None:
+    """A variant with execution.dtype float64 trains in float64: its final losses are those of a float64
+    single-network pack, not of a float32 one (the base config stays float32)."""
+    import torch
+
+    from orchestrator.plan import plan_networks, plan_packs
+    from orchestrator.pool import LocalPool
+    from workers.engine import Pack
+    from workers.jobs import PackEvent
+
+    cfg = cfgmod.load(None, ["sweep.widths=[8,16]", "sweep.seeds=1", "dynamics.steps=40", "dynamics.eval_every=10",
+                             "sweep.variants=[{name: f32}, {name: f64, set: {execution.dtype: float64}}]"])
+    assert cfg.execution.dtype == "float32"
+    nets = plan_networks(cfg)
+    jobs = plan_packs(cfg, nets, n_workers=1, memory_bytes=8 << 30, checkpoint_dir=None)
+    variant = {n.net_id: n.variant for n in nets}
+    for job in jobs:
+        assert {variant[s.net_id] for s in job.networks} == {"f64" if job.dtype == "float64" else "f32"}
+    events: list[PackEvent] = []
+    pool = LocalPool("cpu", max_retries=0)
+    try:
+        assert pool.run(jobs, events.append) == []
+    finally:
+        pool.close()
+    final = {r.net_id: r.final_test_loss for ev in events for r in ev.report.retired}
+    assert set(final) == set(variant)
+    v = dict(cfg.variant_configs())
+
+    def oracle(name: str, spec: object, dtype: torch.dtype) -> float:
+        c = v[name]
+        pack = Pack(c.task.spec(), c.model.spec(), c.dynamics.spec(), [spec], data_seed=cfg.sweep.seed, dtype=dtype)
+        losses = [r.final_test_loss for rep in pack.train() for r in rep.retired]
+        assert len(losses) == 1 and losses[0] is not None
+        return float(losses[0])
+
+    for n in nets:
+        got = final[n.net_id]
+        assert got is not None
+        f64, f32 = oracle(n.variant, n.spec, torch.float64), oracle(n.variant, n.spec, torch.float32)
+        assert abs(f64 - f32) > 1e-6 * abs(f64)  # the oracles tell the two precisions apart
+        want, other = (f64, f32) if n.variant == "f64" else (f32, f64)
+        assert got == pytest.approx(want, rel=1e-9 if n.variant == "f64" else 1e-6), n.key
+        assert abs(got - want) < abs(got - other), n.key

@@ -387,3 +387,54 @@ def test_gives_up_after_retry_max_s(mlflow_server: MlflowServer) -> None:
     with pytest.raises(TrackingError, match="gave up"):
         tr.close()
     assert tr.stats.points_lost == 10
+
+
+NAMES = ["test_loss", "a/b", "x.y-z w", "t:1", "", ".", "..", "a/../b", "/abs", "a//b", "a/", "./a", "bad key!",
+         "é_ü", "tab\there", "a\\b", "per-network/grad norm"]
+
+
+def test_metric_name_rule_matches_mlflows() -> None:
+    from orchestrator.tracking import metric_name_error
+
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import _validate_metric_name
+    except ImportError as err:
+        pytest.fail(f"MLflow's metric name check moved ({err}): re-check tracking.metric_name_error against "
+                    "MLflow's documented rule and point this test at the new one")
+    for name in NAMES:
+        try:
+            _validate_metric_name(name)
+            mlflow_ok = True
+        except MlflowException:
+            mlflow_ok = False
+        assert (metric_name_error(name) is None) == mlflow_ok, name
+
+
+def test_bulk_sql_only_on_a_tested_store_schema(sqlite_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The bulk SQL path writes MLflow's tables directly: only on a schema revision it was tested with;
+    another revision logs through MlflowClient (with a notice) and loses nothing."""
+    import sqlalchemy as sa
+
+    from orchestrator.tracking import TESTED_SCHEMA_REVISIONS
+
+    engine = sa.create_engine(sqlite_uri)
+    with engine.connect() as conn:
+        (revision,) = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
+    assert revision in TESTED_SCHEMA_REVISIONS, (
+        f"the installed MLflow's store is at schema {revision}: test the bulk SQL path against it, then add it "
+        "to tracking.TESTED_SCHEMA_REVISIONS (and widen the mlflow pin in pyproject.toml)")
+    with Tracker(sqlite_uri, "tested") as tr:
+        assert tr.uses_fast_sql
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'f00dfeedbeef'"))
+    engine.dispose()
+    caplog.set_level(logging.WARNING, logger="orchestrator.tracking")
+    with Tracker(sqlite_uri, "untested") as tr:
+        assert not tr.uses_fast_sql
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        kid = tr.start_child(parent, "net-0", "net 0", {}, {})
+        log_grid(tr, [kid], range(0, 30))
+    notices = [r.getMessage() for r in caplog.records if "f00dfeedbeef" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0]
+    assert_history(MlflowClient(sqlite_uri), kid, 0, range(0, 30))
