@@ -14,7 +14,7 @@
   raises inside its own training is retried ``max_retries`` times, then reported as failed. Only such own
   failures are ever returned: losing the workers never fails a job (:class:`WorkersLost` stops the run).
 - A job that runs again continues from its checkpoint: the reports it made before that checkpoint are not
-  sent again (``on_event`` had them), those after it come again with the same steps (``on_event`` drops them
+  sent again (``on_event`` had them), those after it come again with the same steps (the caller drops them
   as seen). Every report is also in the pack's report log beside the checkpoint (:mod:`workers.reportlog`),
   for a driver that was killed before it recorded them.
 """

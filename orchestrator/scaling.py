@@ -3,7 +3,8 @@
 Output folder layout (everything a resume needs):
     config.yaml     the resolved config            plan.json      the packs (stable across resumes)
     state.json      sweep key, tracking URI        results.jsonl  one line per network that ended
-    checkpoints/    one file per pack              summary.json, scaling.png, curves.png
+    checkpoints/    per pack: its state and its report log (workers/reportlog.py), re-sent on resume
+    summary.json, scaling.png, curves.png
 """
 
 from __future__ import annotations
@@ -247,18 +248,18 @@ class ScalingSweep:
     def _log_point(self, m: NetMetrics, rep: Report) -> None:
         prev = self.last_step.get(m.net_id, -1)
         if m.step <= prev:
-            return  # replayed after a restart from a checkpoint
+            return  # seen: trained again past a checkpoint after a worker restart, or re-sent from a report log
         width = self.by_id[m.net_id].spec.width
         self._advance(width * (m.step - max(prev, 0)))
         self.last_step[m.net_id] = m.step
-        # The tracker drops steps MLflow already has, so replays after a crash never log twice.
+        # The tracker drops steps MLflow already has, so a report log re-sent on resume never logs twice.
         self.tracker.log_metrics(self._child(m.net_id), rep.values(m), m.step)
         self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
 
     def _record(self, r: Retired, wall: float) -> None:
         old = self.results.get(r.net_id)
         if old is not None and (self._settled(r.net_id) or r.step <= old.step):
-            return  # recorded already (a replay after a restart, or the old cap's record of an extended run)
+            return  # recorded already (re-sent from a report log, or the old cap's record of an extended run)
         net = self.by_id[r.net_id]
         est = r.estimate
         cap = self.cap[net.variant]
