@@ -13,6 +13,10 @@
 - A job whose worker or node is lost runs again from its checkpoint, however often that happens; a job that
   raises inside its own training is retried ``max_retries`` times, then reported as failed. Only such own
   failures are ever returned: losing the workers never fails a job (:class:`WorkersLost` stops the run).
+- A job that runs again continues from its checkpoint: the reports it made before that checkpoint are not
+  sent again (``on_event`` had them), those after it come again with the same steps (the caller drops them
+  as seen). Every report is also in the pack's report log beside the checkpoint (:mod:`workers.reportlog`),
+  for a driver that was killed before it recorded them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Output folder layout (everything a resume needs):
     config.yaml     the resolved config            plan.json      the packs (stable across resumes)
     state.json      sweep key, tracking URI        results.jsonl  one line per network that ended
-    checkpoints/    one file per pack              summary.json, scaling.png, curves.png
+    checkpoints/    per pack: its state and its report log (workers/reportlog.py), re-sent on resume
+    summary.json, scaling.png, curves.png
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from workers.engine import NetMetrics, NetStatus, Pack, Report, Retired
+from workers.engine import NetMetrics, NetStatus, Report, Retired
 from workers.jobs import PackEvent, PackJob
+from workers.reportlog import read_events
 
 from . import analysis, mlflow_view, runfolder
 from .config import ScalingConfig, dump
@@ -246,26 +248,31 @@ class ScalingSweep:
     def _log_point(self, m: NetMetrics, rep: Report) -> None:
         prev = self.last_step.get(m.net_id, -1)
         if m.step <= prev:
-            return  # replayed after a restart from a checkpoint
+            return  # seen: trained again past a checkpoint after a worker restart, or re-sent from a report log
         width = self.by_id[m.net_id].spec.width
         self._advance(width * (m.step - max(prev, 0)))
         self.last_step[m.net_id] = m.step
-        # The tracker drops steps MLflow already has, so replays after a crash never log twice.
+        # The tracker drops steps MLflow already has, so a report log re-sent on resume never logs twice.
         self.tracker.log_metrics(self._child(m.net_id), rep.values(m), m.step)
         self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
 
     def _record(self, r: Retired, wall: float) -> None:
         old = self.results.get(r.net_id)
         if old is not None and (self._settled(r.net_id) or r.step <= old.step):
-            return  # recorded already (a replay after a restart, or the old cap's record of an extended run)
+            return  # recorded already (re-sent from a report log, or the old cap's record of an extended run)
         net = self.by_id[r.net_id]
         est = r.estimate
+        cap = self.cap[net.variant]
+        if r.status is NetStatus.FINISHED and not (est is not None and est.converged):
+            # It stopped at the cap in force then: lower than now when a report log is re-sent after
+            # `mfsweep resume --set dynamics.steps=N` raised it (the network still has steps to train).
+            cap = min(cap, r.step)
         res = NetworkResult(
             r.net_id, net.key, net.variant, net.spec.width, net.replicate, r.status.value, r.final_test_loss,
             r.step, r.reason, round(wall, 3),
             final_loss_mean=None if est is None else est.mean, final_loss_se=None if est is None else est.se,
             converged=None if est is None else est.converged, final_slope=None if est is None else est.slope,
-            cap=self.cap[net.variant])
+            cap=cap)
         self._write(res)
         # Early stops (converged, diverged, pruned) complete their share of the progress bar.
         cap = self.cap[net.variant]
@@ -305,17 +312,18 @@ class ScalingSweep:
         self.tracker.end_run(run, "FINISHED" if res.status == NetStatus.FINISHED.value else "FAILED")
 
     def _reconcile(self, jobs: list[PackJob]) -> None:
-        """After a crash, re-send what durable records hold for packs that will not run again (their
-        checkpointed reports, their results), so MLflow ends complete; the tracker drops duplicates."""
+        """On resume, before any pack runs again: re-send every pack's report log (reports and network ends
+        an earlier driver may have received but not recorded before it died), then finalize the runs of
+        packs that are done. Points MLflow already holds are dropped by the tracker, results already in
+        results.jsonl by :meth:`_record`; the packs that run again continue from their checkpoints without
+        replaying anything."""
         for job in jobs:
-            if not all(self._settled(sp.net_id) for sp in job.networks):
-                continue  # a pack that runs again replays its own history
-            if job.checkpoint and Path(job.checkpoint).exists():
-                for rep in Pack.read_history(job.checkpoint):
-                    for m in rep.metrics:
-                        self._log_point(m, rep)
-            for sp in job.networks:
-                self._finalize_run(self.results[sp.net_id])
+            if job.checkpoint:
+                for ev in read_events(job.checkpoint, job.pack_id):
+                    self._on_event(ev)
+            if all(self._settled(sp.net_id) for sp in job.networks):
+                for sp in job.networks:
+                    self._finalize_run(self.results[sp.net_id])
 
     def _on_wait(self, waited: float | None) -> None:
         """No worker alive: say so on the progress line (without one: at once, then once a minute)."""
@@ -392,7 +400,7 @@ class ScalingSweep:
                     wait_for_workers_s=ex.wait_for_workers_s, py_modules=code), self._open_tracking)
             else:
                 self._open_tracking()
-            if self.results and plan_path.exists():
+            if plan_path.exists():  # a resume
                 self._reconcile(load_jobs(plan_path))
             if pool is not None:
                 if plan_path.exists():

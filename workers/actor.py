@@ -18,6 +18,7 @@ import torch
 
 from .engine import NetStatus, Pack
 from .jobs import PackEvent, PackJob, WorkerInfo
+from .reportlog import LOG_BYTES, ReportLog
 
 
 def _ram_bytes() -> int:
@@ -66,31 +67,45 @@ class PackRunner:
         return WorkerInfo(self.name, node, str(self.device), int(mem))
 
     def train(self, job: PackJob) -> Iterator[PackEvent]:
-        """Train ``job`` to the end, yielding every report; checkpoint every ``checkpoint_every`` steps."""
+        """Train ``job`` to the end, yielding every report; checkpoint every ``checkpoint_every`` steps. A job
+        whose checkpoint exists continues from it, without replaying what it reported before: each report
+        also goes to the pack's report log (:mod:`workers.reportlog`), which a resumed driver reads."""
         t0 = time.perf_counter()
         ck = Path(job.checkpoint) if job.checkpoint else None
         # A dataset's arrays arrive as an object-store reference (Ray) or as the arrays (local pool).
         data = ray.get(job.data) if isinstance(job.data, ray.ObjectRef) else job.data
+        log: ReportLog | None = None
         if ck is not None and ck.exists():
             pack = Pack.load(ck, device=self.device, kernel=job.kernel, precision=job.precision, data=data)
             pack.extend(job.dynamics)  # a finished sweep continued to more steps (mfsweep resume --set)
+            covered = pack.checkpoint_extra.get(LOG_BYTES)
+            log = ReportLog(ck, 0 if covered is None else covered)
+            if covered is None:  # a format-1 checkpoint held its reports: they start the log
+                for old in Pack.legacy_history(ck) or []:
+                    log.append(PackEvent(job.pack_id, old, self.name, 0, 0.0))
         else:
             pack = Pack(job.task, job.model, job.dynamics, job.networks, data_seed=job.data_seed,
                         device=self.device, dtype=getattr(torch, job.dtype), kernel=job.kernel,
                         precision=job.precision, data=data)
+            log = None if ck is None else ReportLog(ck, 0)
         start = pack.step
         last_saved = start
-        # A restarted pack first replays what it reported before its checkpoint: the driver may have died
-        # before recording those reports; it and the tracker drop what they already have.
-        for old in list(pack.history):
-            yield PackEvent(job.pack_id, old, self.name, start, time.perf_counter() - t0)
-        for report in pack.train():
-            if ck is not None and (report.done or report.step - last_saved >= job.checkpoint_every):
-                # Save before the report leaves: whatever the driver has seen is covered by a checkpoint.
-                pack.save(ck)
-                last_saved = report.step
-            yield PackEvent(job.pack_id, report, self.name, start, time.perf_counter() - t0)
-            self._apply_retires(job.pack_id, pack)
+        try:
+            for report in pack.train():
+                ev = PackEvent(job.pack_id, report, self.name, start, time.perf_counter() - t0)
+                if log is not None:
+                    log.append(ev)
+                if ck is not None and log is not None and (
+                        report.done or report.step - last_saved >= job.checkpoint_every):
+                    # The log first, then the state that covers it; both before the report leaves, so that
+                    # whatever the driver has seen is covered by a checkpoint.
+                    pack.save(ck, extra={LOG_BYTES: log.sync()})
+                    last_saved = report.step
+                yield ev
+                self._apply_retires(job.pack_id, pack)
+        finally:
+            if log is not None:
+                log.close()
 
     def ping(self) -> str:
         return self.name

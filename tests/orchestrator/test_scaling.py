@@ -242,6 +242,52 @@ def test_resume_after_killed_driver(tmp_path: Path) -> None:
         assert sorted(steps) == list(range(0, 801, 50)), run.info.run_name  # nothing lost, nothing twice
 
 
+def test_resume_records_what_a_killed_driver_had_not(tmp_path: Path) -> None:
+    """A driver killed after its packs checkpointed but before it recorded their reports (MLflow points still
+    queued, network ends not yet in results.jsonl): resume re-sends the packs' report logs, so every point
+    arrives once and every network gets its result, although no pack trains again (each restarts at its end,
+    with nothing to replay)."""
+    out = tmp_path / "lost"
+    cfg = cfgmod.load(None, [*SMALL, "execution.backend=local"])
+    ScalingSweep(cfg, out, progress=False).run()
+    full = read_results(out / "results.jsonl")
+    assert len(full) == 6
+    # What the killed driver had made durable: two results, no MLflow points (an empty store).
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert main(["resume", str(out), "--no-progress", "--tracking-uri", fresh]) == 0
+    ids = [json.loads(x)["net_id"] for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(full)  # each network once
+    assert read_results(out / "results.jsonl") == full  # the very records the first driver wrote
+    client = MlflowClient(fresh)
+    summary = json.loads((out / "summary.json").read_text())
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow']['parent_run_id']}'")
+    assert len(runs) == 6
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_loss")]
+        assert sorted(steps) == [0, 20, 40, 60], run.info.run_name
+        assert run.info.status == "FINISHED" and "final_test_loss" in run.data.metrics
+
+
+def test_extension_trains_on_networks_whose_end_was_not_recorded(tmp_path: Path) -> None:
+    """The same loss, then `resume --set dynamics.steps=120`: a network's end re-sent from the log at the old
+    cap is recorded at that cap, so the network still trains to the new one."""
+    out = tmp_path / "ext"
+    ScalingSweep(cfgmod.load(None, [*SMALL, "execution.backend=local"]), out, progress=False).run()
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    assert main(["resume", str(out), "--no-progress", "--set", "dynamics.steps=120"]) == 0
+    res = read_results(out / "results.jsonl")
+    assert sorted(res) == list(range(6)) and {r.step for r in res.values()} == {120}
+    client, runs = child_runs(out)
+    assert len(runs) == 6
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_loss")]
+        assert sorted(steps) == list(range(0, 121, 20)), run.info.run_name
+
+
 def test_ctrl_c_keeps_results_and_says_how_to_resume(tmp_path: Path) -> None:
     out = tmp_path / "int"
     sets = ["sweep.variants=[]", "sweep.widths=[8,16]", "sweep.seeds=2", "dynamics.steps=100000",

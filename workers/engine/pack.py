@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,8 @@ from .stopping import Estimate, Window
 from .tasks import GaussianMixtureTask, SplitArrays, Task, make_task
 
 Tensor = torch.Tensor
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+"""2: state only. 1 (read, not written) also held the report history, which the report log now keeps."""
 
 
 @dataclass(frozen=True)
@@ -307,8 +308,8 @@ class Pack:
         self.retired: dict[int, Retired] = {}
         self._pending: list[Retired] = []
         self._steps_since_report = 0
-        self.history: list[Report] = []
-        """Every report so far (kept in checkpoints, so a restarted pack can replay what it reported)."""
+        self.checkpoint_extra: dict[str, int] = {}
+        """The ``extra`` of the checkpoint this pack was loaded from (see :meth:`save`); empty otherwise."""
         self.windows: dict[int, Window] = {sp.net_id: Window() for sp in networks}
         """Each running network's final-window reports (bounded: the stopping rule's window)."""
         self.capped: set[int] = set()
@@ -684,7 +685,6 @@ class Pack:
             self._stop({m.net_id: m.test_loss for m in metrics})
             rec = Report(self.step, tuple(metrics), tuple(self._pending), self.done, events)
             self._pending = []
-            self.history.append(rec)
             return rec
 
     def train(self) -> Iterator[Report]:
@@ -699,12 +699,13 @@ class Pack:
         if self._pending:
             rec = Report(self.step, (), tuple(self._pending), True)
             self._pending = []
-            self.history.append(rec)
             yield rec
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Full state: particles, accumulators, step, every random stream, and the specs (as JSON)."""
+        """Full state: particles, accumulators, step, every random stream, and the specs (as JSON). Its size
+        does not grow with the number of reports: the reports themselves are not state (the worker appends
+        them to a log beside the checkpoint, :mod:`workers.reportlog`)."""
         meta = {
             "task": to_dict(self.task_spec),
             "model": to_dict(self.model),
@@ -715,7 +716,6 @@ class Pack:
             "retired": [
                 {**to_dict(rec), "status": rec.status.value} for rec in self.retired.values()
             ],
-            "history": [report_to_json(r) for r in self.history],
             "pending": [rec.net_id for rec in self._pending],
             "windows": {str(i): w.points for i, w in self.windows.items()},
             "capped": sorted(self.capped),
@@ -737,12 +737,14 @@ class Pack:
             "groups": groups,
         }
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the state atomically (a crash mid-write leaves the previous checkpoint intact)."""
+    def save(self, path: str | os.PathLike[str], extra: Mapping[str, int] | None = None) -> None:
+        """Write the state atomically (a crash mid-write leaves the previous checkpoint intact). ``extra``:
+        integers the caller keeps with this state (the worker: how much of its report log it covers); they
+        come back as :attr:`checkpoint_extra` of the loaded pack."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        torch.save({**self.state_dict(), "extra": {k: int(v) for k, v in (extra or {}).items()}}, tmp)
         os.replace(tmp, path)
 
     @classmethod
@@ -751,7 +753,7 @@ class Pack:
         """Rebuild a pack from :meth:`save`; continuing it equals an uninterrupted run (bit for bit on CPU with
         the same ``kernel``)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
+        if state.get("format") not in (1, CHECKPOINT_FORMAT):
             raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
         meta = json.loads(state["meta"])
         pack = cls(
@@ -770,9 +772,11 @@ class Pack:
         return pack
 
     @staticmethod
-    def read_history(path: str | os.PathLike[str]) -> list[Report]:
-        """The reports a checkpointed pack had emitted, without rebuilding the pack."""
+    def legacy_history(path: str | os.PathLike[str]) -> list[Report] | None:
+        """The reports a format-1 checkpoint held (its history); None for a current one, which holds none."""
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != 1:
+            return None
         return [report_from_json(r) for r in json.loads(state["meta"]).get("history", [])]
 
     def load_state_dict(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -794,7 +798,7 @@ class Pack:
         self.step = int(state["step"])
         self._steps_since_report = int(state["steps_since_report"])
         self.data.gen.set_state(state["data_gen"])
-        self.history = [report_from_json(r) for r in meta.get("history", [])]
+        self.checkpoint_extra = {str(k): int(v) for k, v in state.get("extra", {}).items()}
         self.retired = {}
         for rec in meta["retired"]:
             self.retired[rec["net_id"]] = Retired(
