@@ -24,7 +24,7 @@ from workers.engine import (
     Unit,
 )
 from workers.engine.schedule import lr_factor
-from workers.engine.stopping import Window, estimate, window_start
+from workers.engine.stopping import MAX_POINTS, Window, estimate, window_start
 
 from .engine_ref import DEVICE, F64, assert_reports_close, only, run_reports
 
@@ -86,6 +86,25 @@ def test_a_slow_power_law_tail_is_not_converged_until_it_flattens() -> None:
 
     per_window = next(t for t, _ in curve if t >= WINDOW and 0.8 * share(t) * WINDOW / t < 0.1)
     assert share(per_window) > 0.45 and per_window < stop  # what a per-window test would call converged
+
+
+def test_window_memory_is_bounded_and_binning_keeps_the_estimate() -> None:
+    """40,000 reports: the window spans the last quarter of the run (10,000 reports) in at most MAX_POINTS
+    bins of equal size; its mean, slope and verdict agree with the unbinned estimate over the same span."""
+    rng = random.Random(7)
+    steps = list(range(1, 40001))
+    curve = [(t, (1.0 + 300.0 / t) * math.exp(rng.gauss(0, 0.03))) for t in steps]
+    w = Window()
+    for t, v in curve:
+        w.add(t, v, 1000)
+        assert len(w.points) <= MAX_POINTS
+    assert w.bin > 1 and len(w.points) >= MAX_POINTS // 2
+    binned = w.estimate(window=1000, rel_tol=0.1, z=Z)
+    raw = estimate([p for p in curve if p[0] >= window_start(40000, 1000)], window=1000, rel_tol=0.1, z=Z)
+    assert binned is not None and raw is not None
+    assert binned.mean == pytest.approx(raw.mean, rel=2e-3)
+    assert binned.slope == pytest.approx(raw.slope, abs=0.02)
+    assert binned.converged == raw.converged
 
 
 def test_mean_and_standard_error_over_the_window() -> None:

@@ -717,7 +717,7 @@ class Pack:
                 {**to_dict(rec), "status": rec.status.value} for rec in self.retired.values()
             ],
             "pending": [rec.net_id for rec in self._pending],
-            "windows": {str(i): w.points for i, w in self.windows.items()},
+            "windows": {str(i): w.state() for i, w in self.windows.items()},
             "capped": sorted(self.capped),
         }
         groups = []
@@ -806,7 +806,8 @@ class Pack:
                 _estimate_from(rec.get("estimate")),
             )
         running = {i for g in self.groups for i in g.ids}
-        self.windows = {int(i): Window(pts) for i, pts in meta.get("windows", {}).items() if int(i) in running}
+        self.windows = {int(i): Window.from_state(st) for i, st in meta.get("windows", {}).items()
+                        if int(i) in running}
         for i in running - set(self.windows):
             self.windows[i] = Window()
         self.capped = set(meta.get("capped", []))

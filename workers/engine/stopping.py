@@ -99,7 +99,7 @@ def _ols(x: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
     return b, se
 
 
-def estimate(points: Sequence[tuple[int, float]], *, window: int, rel_tol: float, z: float) -> Estimate | None:
+def estimate(points: Sequence[tuple[float, float]], *, window: int, rel_tol: float, z: float) -> Estimate | None:
     """The window estimate of ``points`` ((step, test loss), ascending steps, already cut to the window of
     ``window`` steps); None when there is no finite point."""
     pts = [(t, v) for t, v in points if math.isfinite(v)]
@@ -131,25 +131,58 @@ def estimate(points: Sequence[tuple[int, float]], *, window: int, rel_tol: float
     fit = _ols(steps, logs) if m >= MIN_POINTS and pts[-1][0] >= window else None
     if fit is not None:
         b, se_b = fit
-        converged = (-b + z * se_b) * horizon(pts[-1][0], window) < rel_tol
-    return Estimate(mean=mean, se=se, slope=slope, converged=converged, n_points=m, start=pts[0][0])
+        converged = (-b + z * se_b) * horizon(int(pts[-1][0]), window) < rel_tol
+    return Estimate(mean=mean, se=se, slope=slope, converged=converged, n_points=m, start=int(pts[0][0]))
+
+
+#: Most points a window keeps: past this, reports are averaged in bins of a doubling number of reports, so a
+#: network's window (and its checkpoint) stays bounded however long it runs while its span grows with t.
+MAX_POINTS = 64
 
 
 class Window:
-    """The (step, test loss) reports of one network inside its current window (bounded memory)."""
+    """The (step, test loss) points of one network inside its current window, in bounded memory.
 
-    def __init__(self, points: Sequence[tuple[int, float]] = ()) -> None:
-        self.points: list[tuple[int, float]] = [(int(t), float(v)) for t, v in points]
+    A point is one report, or, once the window spans more than :data:`MAX_POINTS` reports, the average (of
+    step and loss) over a bin of ``bin`` consecutive reports: every point of the window then covers the same
+    number of reports, so the estimate's mean and slope weigh the window evenly. ``pending`` sums the
+    reports of the bin being filled (step sum, loss sum, count); they join the window when it is full."""
+
+    def __init__(self, points: Sequence[tuple[float, float]] = (), bin: int = 1,
+                 pending: Sequence[float] = (0.0, 0.0, 0)) -> None:
+        self.points: list[tuple[float, float]] = [(float(t), float(v)) for t, v in points]
+        self.bin = bin
+        self.pending = (float(pending[0]), float(pending[1]), int(pending[2]))
 
     def add(self, step: int, loss: float, window: int, not_before: int = 0) -> None:
-        """Add a report and drop those before the window (and before ``not_before``: the start of the
+        """Add a report and drop the points before the window (and before ``not_before``: the start of the
         network's final dynamics, e.g. the end of birth-death)."""
-        self.points.append((step, loss))
+        st, sv, n = self.pending
+        st, sv, n = st + step, sv + loss, n + 1
+        if n >= self.bin:
+            self.points.append((st / n, sv / n))
+            st, sv, n = 0.0, 0.0, 0
+        self.pending = (st, sv, n)
         first = max(window_start(step, window), not_before)
         self.points = [(t, v) for t, v in self.points if t >= first]
+        if len(self.points) > MAX_POINTS:  # merge neighbours: half the points, twice the reports each
+            pts = self.points[len(self.points) % 2:]
+            self.points = [((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(pts[::2], pts[1::2], strict=True)]
+            self.bin *= 2
 
     def estimate(self, *, window: int, rel_tol: float, z: float) -> Estimate | None:
         return estimate(self.points, window=window, rel_tol=rel_tol, z=z)
 
+    def state(self) -> dict[str, object]:
+        """What a checkpoint keeps (plain JSON)."""
+        return {"points": self.points, "bin": self.bin, "pending": list(self.pending)}
 
-__all__ = ["MIN_POINTS", "Estimate", "Window", "estimate", "horizon", "window_start"]
+    @classmethod
+    def from_state(cls, state: object) -> Window:
+        """The window a checkpoint kept (a plain list of points: an older checkpoint)."""
+        if isinstance(state, dict):
+            return cls(state["points"], int(state["bin"]), state["pending"])
+        return cls(state)  # type: ignore[arg-type]
+
+
+__all__ = ["MAX_POINTS", "MIN_POINTS", "Estimate", "Window", "estimate", "horizon", "window_start"]
