@@ -55,29 +55,30 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
-from workers.engine import NetStatus, NetworkSpec, Retired, derive_seed, estimate_pack_bytes, make_task
-from workers.engine import uses_exact_energy as _uses_exact
+from workers.engine import NetMetrics, NetStatus, NetworkSpec, Retired, derive_seed
 from workers.jobs import PackEvent, PackJob
 
-from . import mlflow_view, runfolder
+from . import mlflow_view
 from .config import ConfigError, ScalingConfig, dump, load
 from .credentials import PASSWORD_ENV, has_password, redact, storage_password, strip_password
-from .plan import balance, pack_key
+from .driver import Interrupted, close_tracker, open_pool, progress_bar, run_tags
+from .ledger import Ledger
+from .plan import network_settings, plan
+from .plan import network_spec as plan_network_spec
 from .pool import (
     JobFailure,
     PoolError,
     WorkersLost,
     close_in_background,
     is_infrastructure_reason,
-    make_pool,
-    open_beside,
 )
-from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
+from .runfolder import RunFolder
+from .runmeta import flatten, stop_on_signals
 from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
-from .userdata import DataShipper, modules_for_workers
+from .userdata import DataShipper
 
 __all__ = ["SearchRun", "StorageError", "network_spec", "resume_search", "run_search_cli", "suggest"]
 
@@ -131,10 +132,7 @@ def suggest(trial: Trial, space: Mapping[str, ParamConfig]) -> dict[str, Any]:
 
 def network_spec(tcfg: ScalingConfig, net_id: int, width: int, seed: int) -> NetworkSpec:
     """A trial's network: its resolved config's per-network settings, initialised from ``seed``."""
-    d, m = tcfg.dynamics, tcfg.model
-    return NetworkSpec(net_id=net_id, width=width, seed=derive_seed(seed, 0), lr=d.lr,
-                       parametrization=m.parametrization, temperature=d.temperature,
-                       bd_rate=d.birth_death.rate, bd_scheme=d.birth_death.scheme)
+    return plan_network_spec(tcfg, net_id, width, derive_seed(seed, 0))
 
 
 def make_sampler(cfg: SearchConfig, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -270,8 +268,6 @@ class _Live:
     key: str = ""
     """Extra stages (fidelity, re-evaluation): the study user attr its result goes to."""
     last_step: int = 0
-    seen_step: int = -1
-    """Highest report step handled: a pack retried from scratch replays its reports."""
     last_loss: float | None = None
     prune_at: int | None = None
     retired: Retired | None = None
@@ -315,8 +311,8 @@ class SearchRun:
         self.address = address
         self.console = console or Console(stderr=True)
         self.show_progress = progress
-        state_path = out / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        self.folder = RunFolder(out)
+        state = self.folder.state()
         if storage is not None and has_password(storage):
             self.console.print(f"[yellow]warning:[/] a password in --storage is visible to every user of this "
                                f"host (process list); put it in {PASSWORD_ENV} or PGPASSFILE instead. It is not "
@@ -331,8 +327,7 @@ class SearchRun:
                               "--study or another --out")
         self.storage_url: str | None = storage if storage is not None else state.get("storage")
         self.study_name: str = study or state.get("study") or cfg.name
-        default_uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        self.tracking_uri: str = tracking_uri or state.get("tracking_uri") or default_uri
+        self.tracking_uri: str = tracking_uri or state.get("tracking_uri") or self.folder.default_tracking_uri()
         self.search_key: str = state.get("search_key") or uuid.uuid4().hex
         self.driver_id = uuid.uuid4().hex[:12]
         self.single = cfg.search.objective.mode == "single"
@@ -351,16 +346,15 @@ class SearchRun:
         self._told_now = 0
         self._hb_stop = threading.Event()
         self._infra_checked = False
-        self._state = {"search_key": self.search_key, "study": self.study_name,
-                       "storage": strip_password(self.storage_url) if self.storage_url else None,
-                       "tracking_uri": strip_password(self.tracking_uri), "name": cfg.name}
+        self._state = {"search_key": self.search_key, "study": self.study_name, "storage": self.storage_url,
+                       "tracking_uri": self.tracking_uri, "name": cfg.name}
 
     # ------------------------------------------------------------------ public
     def run(self) -> dict[str, Any]:
         out = self.out
-        with runfolder.hold(out, "mfsweep search"):
-            (out / "state.json").write_text(json.dumps(self._state, indent=1))
-            (out / "search.yaml").write_text(dump(self.cfg))
+        with self.folder.hold("mfsweep search"):
+            self.folder.write_state(self._state)
+            self.folder.write_config("search.yaml", dump(self.cfg))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             self.storage = open_storage(self.storage_url, out, self._on_stale)
             self.storage_desc = where = self.storage.desc
@@ -381,12 +375,7 @@ class SearchRun:
                 return self._run()
             finally:
                 self._hb_stop.set()
-                tracker = getattr(self, "tracker", None)
-                try:
-                    if tracker is not None:
-                        tracker.close()
-                except Exception as err:  # report, but keep the primary error if any
-                    self.console.print(f"[red]MLflow: {err}[/]", soft_wrap=True)
+                close_tracker(getattr(self, "tracker", None), self.console)
 
     # ------------------------------------------------------------------ driver
     def _open_tracking(self) -> None:
@@ -396,17 +385,16 @@ class SearchRun:
         cfg = self.cfg
         self.tracker = Tracker(self.tracking_uri, cfg.name,
                                experiment_tags={mlflow_view.NOTE_TAG: mlflow_view.SEARCH_EXPERIMENT_NOTE})
+        self.ledger = Ledger(self.tracker, self)
         base = cfg.base_raw()
         base.pop("execution")
-        params = {**_flatten(base), **_flatten({"search": cfg.search.model_dump(mode="json")})}
+        params = {**flatten(base), **flatten({"search": cfg.search.model_dump(mode="json")})}
         params.pop("search.trials")  # may grow on resume (MLflow params are immutable; it goes in a tag)
         params = {k: v for k, v in params.items() if not k.startswith("search.space")}
         params["search.space"] = json.dumps(cfg.search.model_dump(mode="json")["space"])[:6000]
         self.parent = self.tracker.start_parent(mlflow_view.parent_run_name(self.study_name, "search"), params, {
-            "mfsweep.sweep_key": self.search_key, "mfsweep.kind": "search", "mfsweep.study": self.study_name,
-            "mfsweep.storage": self.storage_desc, "mfsweep.trials": str(cfg.search.trials),
-            "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
-            **{f"version.{k}": v for k, v in _versions().items()}})
+            **run_tags("search", self.search_key, self.out), "mfsweep.study": self.study_name,
+            "mfsweep.storage": self.storage_desc, "mfsweep.trials": str(cfg.search.trials)})
         self.tracker.log_artifact(self.parent, self.out / "search.yaml")
 
     def _run(self) -> dict[str, Any]:
@@ -416,11 +404,7 @@ class SearchRun:
         done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
         ex = cfg.execution
         if done < target or self._fidelity_todo() or self._reeval_todo():
-            code = modules_for_workers([cfg.task])
-            pool = open_beside(lambda: make_pool(
-                ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, max_workers=ex.max_workers,
-                wait_for_workers_s=ex.wait_for_workers_s, py_modules=code), self._open_tracking)
+            pool = open_pool(ex, self.address, [cfg.task], self._open_tracking)
         else:
             pool = None
             self._open_tracking()
@@ -434,12 +418,8 @@ class SearchRun:
                     f"[bold]{cfg.name}[/]: study '{self.study_name}' ({self.storage_desc}), {done}/{target} "
                     f"trials done, up to {cfg.search.parallel} in flight on {pool.n_workers} {pool.device} "
                     f"worker(s); MLflow {redact(self.tracking_uri)}", soft_wrap=True, highlight=False)
-                progress = Progress(
-                    TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    TextColumn("{task.fields[trials]} trials"), TextColumn("{task.percentage:>3.0f}%"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=self.console, disable=not self.show_progress, transient=False)
-                with progress, _stop_on_signals(self.stop):
+                progress = progress_bar(self.console, self.show_progress, "trials")
+                with progress, stop_on_signals(self.stop):
                     self._progress = progress
                     self._task_id = progress.add_task("search", total=float(target), completed=done,
                                                       trials=f"{done}/{target}")
@@ -601,10 +581,8 @@ class SearchRun:
         key = f"trial-{number:05d}{suffix}"
         p: dict[str, Any] = {**params, "trial_number": number, "width": width, "steps": steps}
         if tcfg is not None:
-            p.update({"unit": tcfg.model.unit.value, "parametrization": tcfg.model.parametrization.value,
-                      "lr": tcfg.dynamics.lr, "batch_size": tcfg.dynamics.batch_size,
-                      "temperature": tcfg.dynamics.temperature, "bd_rate": tcfg.dynamics.birth_death.rate,
-                      "bd_scheme": tcfg.dynamics.birth_death.scheme.value})
+            p.update({"unit": tcfg.model.unit.value, "batch_size": tcfg.dynamics.batch_size,
+                      **network_settings(tcfg)})
         name = f"trial {number} width={width}"  # the MLflow run name; ``key`` stays the stable identity
         if suffix.startswith("-seed"):
             name += f" seed={suffix.removeprefix('-seed')} (re-evaluation)"
@@ -618,84 +596,57 @@ class SearchRun:
 
     def _pack(self, lives: Sequence[_Live], tag: str, spread: bool = True,
               data_seed: int | None = None) -> list[PackJob]:
-        """Compatible networks share a pack, within the memory a worker may use; with ``spread`` each group
-        is split over the workers, balanced by width (else it stays one pack where it fits: one worker's
-        share of an asynchronous search)."""
-        import torch
-
-        ex = self.cfg.execution
-        groups: dict[str, list[_Live]] = {}
+        """The planner's packs (:func:`plan.plan`) of ``lives``: with ``spread`` each group is split over the
+        workers, else it stays one pack where it fits (one worker's share of an asynchronous search). A
+        network too wide for a worker gets its fail reason and no pack."""
+        by_id = {lv.net_id: lv for lv in lives}
+        entries = []
         for lv in lives:
             assert lv.cfg is not None
-            groups.setdefault(pack_key(lv.cfg), []).append(lv)
-        budget = self.pool.memory_bytes * ex.memory_fraction
-        jobs: list[PackJob] = []
-        for members in groups.values():
-            c = members[0].cfg
-            assert c is not None
-            task_spec, model, dyn = c.task.spec(), c.model.spec(), c.dynamics.spec()
-            task = make_task(task_spec)
-            exact = _uses_exact(task, model, dyn)
-            batch = task_spec.n_train if dyn.algorithm.value == "gd" and not exact else dyn.batch_size
-
-            def mem(ws: Sequence[int], _b: int = batch, _e: bool = exact, _t: Any = task,
-                    _n: int = task_spec.n_test, _dt: str = c.execution.dtype) -> int:
-                return estimate_pack_bytes(ws, batch=_b, dim=_t.dim, out_dim=_t.out_dim,
-                                           dtype=getattr(torch, _dt), exact=_e, n_test=_n)
-
-            fits = []
-            for lv in members:
-                if mem([lv.width]) > budget:
-                    lv.fail_reason = (f"width {lv.width} needs ~{mem([lv.width]) / 2**30:.1f} GiB, more than "
-                                      f"the {budget / 2**30:.1f} GiB a worker may use")
-                else:
-                    fits.append(lv)
-            if not fits:
-                continue
-            share = max(1, round(self.pool.n_workers * len(fits) / max(1, len(lives)))) if spread else 1
-            n_bins = min(len(fits), max(share, math.ceil(len(fits) / ex.max_networks_per_pack)))
-            def fit(b: list[_Live], _m: Callable[[Sequence[int]], int] = mem,
-                    _l: int = ex.max_networks_per_pack) -> bool:
-                return _m([lv.width for lv in b]) <= budget and len(b) <= _l
-
-            for b in balance(fits, lambda lv: float(lv.width), n_bins, fit):
-                # Pack ids are unique per search and round: a late retire request can never hit a later pack.
-                specs = tuple(sorted((self._spec(lv) for lv in b), key=lambda s: s.net_id))
-                jobs.append(PackJob(
-                    pack_id=f"{self.search_key[:8]}-{tag}-{len(jobs)}", task=task_spec, model=model,
-                    dynamics=dyn, networks=specs,
-                    data_seed=self.cfg.search.seed if data_seed is None else data_seed,
-                    dtype=c.execution.dtype, kernel=c.execution.kernel, precision=c.execution.precision,
-                    checkpoint=None, data=self._shipper.data_for(task_spec)))
-        jobs.sort(key=lambda j: -j.cost)
-        return jobs
+            entries.append((lv.cfg, self._spec(lv)))
+        # Pack ids are unique per search and round: a late retire request can never hit a later pack.
+        packing = plan(entries, n_workers=self.pool.n_workers if spread else 1,
+                       memory_bytes=self.pool.memory_bytes, execution=self.cfg.execution,
+                       data_seed=self.cfg.search.seed if data_seed is None else data_seed,
+                       pack_id=lambda i: f"{self.search_key[:8]}-{tag}-{i}")
+        for spec, reason in packing.too_wide:
+            by_id[spec.net_id].fail_reason = reason
+        return [self._shipper.attach(j) for j in packing.jobs]
 
     def _on_event(self, ev: PackEvent) -> None:
-        rep = ev.report
-        for m in rep.metrics:
-            lv = self.live.get(m.net_id)
-            if lv is None or lv.prune_at is not None or m.step <= lv.seen_step:
-                continue
-            lv.last_step = lv.seen_step = m.step
-            self.tracker.log_metrics(lv.run_id, rep.values(m), m.step)
-            if not math.isfinite(m.test_loss):
-                continue
-            lv.last_loss = m.test_loss
-            lv.curve.append((m.step, m.test_loss))
-            if lv.trial is None or not self.single:
-                continue  # Optuna has no intermediate values for multi-objective studies
-            lv.trial.report(m.test_loss, m.step * lv.width if self.compute_resource else m.step)
-            if self.can_prune and 0 < m.step < lv.steps and lv.trial.should_prune():
-                lv.prune_at = m.step
-                self.pool.request_retire(ev.pack_id, m.net_id, NetStatus.PRUNED.value,
-                                         f"pruned by {self.cfg.search.pruner_name} at step {m.step}")
-        for r in rep.retired:
-            lv = self.live.get(r.net_id)
-            if lv is not None and lv.retired is None:
-                lv.retired = r
-                if lv.trial is not None:
-                    self._tell(lv)  # the sampler and pruner see it now, not when its pack ends
+        self.ledger.on_event(ev)
         self._advance()
+
+    # ------------------------------------------------------------------ the ledger's policy
+    def run_of(self, net_id: int) -> str | None:
+        """A network in flight's MLflow run (a pruned one's late reports are dropped)."""
+        lv = self.live.get(net_id)
+        return None if lv is None or lv.prune_at is not None else lv.run_id
+
+    def on_point(self, ev: PackEvent, m: NetMetrics, prev_step: int) -> None:
+        """Report the point to the trial; ask the pruner, and retire the network from its pack if it says so."""
+        lv = self.live[m.net_id]
+        lv.last_step = m.step
+        if not math.isfinite(m.test_loss):
+            return
+        lv.last_loss = m.test_loss
+        lv.curve.append((m.step, m.test_loss))
+        if lv.trial is None or not self.single:
+            return  # Optuna has no intermediate values for multi-objective studies
+        lv.trial.report(m.test_loss, m.step * lv.width if self.compute_resource else m.step)
+        if self.can_prune and 0 < m.step < lv.steps and lv.trial.should_prune():
+            lv.prune_at = m.step
+            self.pool.request_retire(ev.pack_id, m.net_id, NetStatus.PRUNED.value,
+                                     f"pruned by {self.cfg.search.pruner_name} at step {m.step}")
+
+    def on_end(self, r: Retired, ev: PackEvent) -> None:
+        """A trial is told the moment its network ends (the sampler and pruner see it now, not when its pack
+        ends); an extra stage's network is recorded when its stage ends."""
+        lv = self.live.get(r.net_id)
+        if lv is not None and lv.retired is None:
+            lv.retired = r
+            if lv.trial is not None:
+                self._tell(lv)
 
     def _advance(self) -> None:
         if self._progress is None:
@@ -802,13 +753,10 @@ class SearchRun:
         if t.values:
             final["final_test_loss"] = float(t.values[0])
         step = int(t.user_attrs.get("steps_trained") or t.last_step or 0)
-        if final:
-            self.tracker.log_metrics(run_id, final, step)
         reason = str(t.user_attrs.get(REASON_ATTR, "")) or ("retried" if t.state == TrialState.FAIL else "")
-        self.tracker.set_tags(run_id, {"optuna.state": t.state.name, "mfsweep.reason": reason[:500],
-                                       "mfsweep.trial_number": str(t.number)})
         status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(t.state, "FAILED")
-        self.tracker.end_run(run_id, status)
+        self.ledger.close_run(run_id, final, step, {"optuna.state": t.state.name, "mfsweep.reason": reason[:500],
+                                                    "mfsweep.trial_number": str(t.number)}, status)
 
     def _synced_path(self) -> Path:
         return self.out / "mlflow_synced.json"
@@ -896,7 +844,7 @@ class SearchRun:
         ``lv.key`` (so a resumed search only runs what is missing) and to its MLflow child run."""
         for lv in lives:
             self.live[lv.net_id] = lv
-        with _stop_on_signals(self.stop):
+        with stop_on_signals(self.stop):
             try:
                 failures = self.pool.run(jobs, self._on_event, self.stop)
             except WorkersLost as err:  # nothing recorded: the stage runs again on resume
@@ -921,11 +869,9 @@ class SearchRun:
             final = {PS_ATTR: float(lv.particle_steps)}
             if rec["loss"] is not None:
                 final["final_test_loss"] = float(rec["loss"])
-            self.tracker.log_metrics(lv.run_id, final, lv.steps_trained)
-            self.tracker.set_tags(lv.run_id, {"optuna.state": state,
-                                              "mfsweep.reason": str(rec["reason"])[:500],
-                                              "mfsweep.trial_number": str(lv.number)})
-            self.tracker.end_run(lv.run_id, "FINISHED" if ok else "FAILED")
+            self.ledger.close_run(lv.run_id, final, lv.steps_trained,
+                                  {"optuna.state": state, "mfsweep.reason": str(rec["reason"])[:500],
+                                   "mfsweep.trial_number": str(lv.number)}, "FINISHED" if ok else "FAILED")
         self.tracker.flush()
         if self.stop.is_set():
             raise self._interrupted()
