@@ -1,5 +1,9 @@
 """The main job: an error-vs-width sweep on a worker pool, tracked in MLflow, fitted and plotted.
 
+The sweep's policy on the shared driver core: what to run next (every network of the plan not yet settled,
+packed by :func:`plan.plan_packs`) and what a network's end means (a line of results.jsonl: the ledger,
+:mod:`.ledger`, hands it over), then the analysis (:mod:`.analysis`).
+
 Output folder layout (everything a resume needs):
     config.yaml     the resolved config            plan.json      the packs (stable across resumes)
     state.json      sweep key, tracking URI        results.jsonl  one line per network that ended

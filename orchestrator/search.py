@@ -1,6 +1,8 @@
 """``mfsweep search``: Optuna search over architectures and dynamics, trained packed on the worker pool.
 
-This is the only module of the project that imports optuna.
+The search's policy on the shared driver core: what to run next (trials asked from the study, packed by
+:func:`plan.plan`) and what a network's end means (the trial is told: the ledger, :mod:`.ledger`, hands it
+over). The study's space, sampler, pruner and storage are in :mod:`.study`.
 
 Execution (asynchronous ask/tell): every worker trains a pack of ``ceil(search.parallel / workers)`` trials;
 each trial's parameters are applied to the base config, compatible networks share a pack (same pack key:
@@ -39,31 +41,25 @@ import contextlib
 import json
 import math
 import os
-import re
-import statistics
 import threading
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.exceptions import ExperimentalWarning
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from workers.engine import NetMetrics, NetStatus, NetworkSpec, Retired, derive_seed
 from workers.jobs import PackEvent, PackJob
 
 from . import mlflow_view
-from .config import ConfigError, ScalingConfig, dump, load
-from .credentials import PASSWORD_ENV, has_password, redact, storage_password, strip_password
+from .config import ConfigError, ScalingConfig, dump
+from .credentials import PASSWORD_ENV, has_password, redact, strip_password
 from .driver import Interrupted, close_tracker, open_pool, progress_bar, run_tags
 from .ledger import Ledger
 from .plan import network_settings, plan
@@ -77,173 +73,35 @@ from .pool import (
 )
 from .runfolder import RunFolder
 from .runmeta import flatten, stop_on_signals
-from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
+from .search_config import WIDTH, SearchConfig, load_search
+from .search_report import (
+    PS_ATTR,
+    RETRY_ATTR,
+    SearchReport,
+    budget_counts,
+    fidelity_key,
+    reeval_key,
+    reeval_seed,
+    top,
+)
+from .study import HEARTBEAT_S, StorageError, make_pruner, make_sampler, open_storage, quiet, suggest
 from .userdata import DataShipper
 
-__all__ = ["SearchRun", "StorageError", "network_spec", "resume_search", "run_search_cli", "suggest"]
+__all__ = ["SearchRun", "StorageError", "make_pruner", "make_sampler", "network_spec", "resume_search",
+           "run_search_cli", "suggest"]
 
 EXIT_SERVICE = 3
 KEY_ATTR = "mfsweep.search_key"
 DRIVER_ATTR = "mfsweep.driver"
-RETRY_ATTR = "mfsweep.retry_of"
 REASON_ATTR = "mfsweep.reason"
-PS_ATTR = "particle_steps"
-FIDELITY_PREFIX = "mfsweep.fidelity"
-HEARTBEAT_S = 10
-GRACE_S = 60
 # Promoted (fidelity) networks need ids that never collide with trial numbers inside a pack.
 _PROMOTED_BASE = 1 << 40
 _REEVAL_BASE = 1 << 41
-REEVAL_PREFIX = "mfsweep.reeval"
-
-
-class StorageError(RuntimeError):
-    """The Optuna storage cannot be used (one line naming the fix)."""
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Optuna marks heartbeats, matplotlib plots and multivariate TPE experimental: not news to a user."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        yield
-
-
-# --------------------------------------------------------------------------- space, sampler, pruner
-
-
-def suggest(trial: Trial, space: Mapping[str, ParamConfig]) -> dict[str, Any]:
-    """Suggest every active parameter in order; a parameter whose ``when`` fails is not suggested (the
-    base config's value applies)."""
-    params: dict[str, Any] = {}
-    for key, p in space.items():
-        if not all(c.holds(params) for c in p.conditions()):
-            continue
-        if p.type == "categorical":
-            params[key] = trial.suggest_categorical(key, list(p.choices or []))
-        elif p.type == "int":
-            assert p.low is not None and p.high is not None
-            params[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-        else:
-            assert p.low is not None and p.high is not None
-            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
-    return params
 
 
 def network_spec(tcfg: ScalingConfig, net_id: int, width: int, seed: int) -> NetworkSpec:
     """A trial's network: its resolved config's per-network settings, initialised from ``seed``."""
     return plan_network_spec(tcfg, net_id, width, derive_seed(seed, 0))
-
-
-def make_sampler(cfg: SearchConfig, n_existing: int) -> optuna.samplers.BaseSampler:
-    s = cfg.search.sampler
-    # Reseed on resume: the same seed would replay the first session's random draws.
-    seed = s.seed if n_existing == 0 else derive_seed(s.seed, n_existing) % (2**32)
-    startup: dict[str, Any] = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
-    with _quiet():
-        if s.name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                              constant_liar=s.constant_liar,
-                                              **startup)
-        if s.name == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **startup)
-        if s.name == "gp":
-            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False, **startup)
-        if s.name == "nsga2":
-            pop = s.population_size or max(8, cfg.search.parallel)
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
-        return optuna.samplers.RandomSampler(seed=seed)
-
-
-def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
-    """The pruner; its resource is the step, or the particle-steps under a particle-step budget (trials of
-    different widths then meet at the same compute, not at the same step)."""
-    p = cfg.search.pruner
-    obj = cfg.search.objective
-    if obj.budget == "particle_steps":
-        assert obj.particle_steps is not None
-        steps = obj.particle_steps
-        min_resource = p.min_resource or max(1, steps // (p.reduction_factor ** 2))
-    else:
-        base, _ = cfg.resolve({})
-        steps, every = base.dynamics.steps, base.dynamics.eval_every
-        min_resource = p.min_resource or max(every, steps // (p.reduction_factor ** 2))
-    name = cfg.search.pruner_name
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource,
-                                                      reduction_factor=p.reduction_factor)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=steps,
-                                              reduction_factor=p.reduction_factor)
-    if name == "median":
-        warm = p.n_warmup_steps if p.n_warmup_steps is not None else steps // 5
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=warm)
-    return optuna.pruners.NopPruner()
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def _repair_journal(path: Path) -> None:
-    """Drop a torn last line (a driver killed mid-write); the next append would make it unreadable."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
-@dataclass(frozen=True)
-class Storage:
-    """The Optuna storage a search uses, kept as constructed (Optuna's Study does not expose its storage)."""
-
-    main: optuna.storages.BaseStorage
-    """The study's storage: ask, tell, user attributes by trial id."""
-    desc: str
-    """Where it is, password-free (for messages and tags)."""
-    heartbeat: optuna.storages.RDBStorage | None = None
-    """RDB URLs: a second handle on the same database with Optuna's heartbeat (``record_heartbeat``, and
-    ``fail_stale_trials`` on a study loaded through it). The study itself runs on ``main``, without
-    heartbeat: Optuna warns at every ``ask()`` outside ``optimize()`` on a heartbeat storage, and this driver
-    records heartbeats itself."""
-
-
-def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> Storage:
-    """The journal file in ``out`` by default, else an RDB URL (with a heartbeat handle)."""
-    if url is None or url.startswith("journal:") or not re.match(r"^[a-z][a-z0-9+]*://", url):
-        path = out / "optuna.journal" if url is None else Path(url.removeprefix("journal:"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _repair_journal(path)
-            # Only this driver (it holds the output folder's lock) writes here: a lock file left by a
-            # killed driver is stale, and waiting out Optuna's 30 s grace period would only delay resume.
-            lock = Path(str(path) + ".lock")
-            if url is None and lock.is_symlink():
-                lock.unlink()
-            backend = JournalFileBackend(str(path))
-            return Storage(optuna.storages.JournalStorage(backend), f"journal file {path}")
-        except OSError as err:
-            raise StorageError(f"cannot use journal file {path}: {err.strerror}; pass a writable --out or "
-                               "--storage") from None
-    engine: dict[str, Any] = {"pool_pre_ping": True}
-    password = storage_password()
-    if password is not None and not has_password(url):
-        # Handed to the database driver, never put into a URL that could be printed or stored.
-        engine["connect_args"] = {"password": password}
-    try:
-        main = optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        with _quiet():
-            heartbeat = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
-    except Exception as err:  # sqlalchemy errors, missing drivers, bad URLs
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if password is not None:
-            first = first.replace(password, "***")
-        raise StorageError(f"cannot open Optuna storage {redact(url)}: {redact(first)[:200]}; check --storage "
-                           f"(e.g. postgresql://user@host/db, with the password in {PASSWORD_ENV}, PGPASSWORD "
-                           "or PGPASSFILE) or omit it for a journal file") from None
-    return Storage(main, redact(url), heartbeat)
 
 
 # --------------------------------------------------------------------------- one trial in flight
@@ -283,15 +141,6 @@ class _Live:
     @property
     def particle_steps(self) -> int:
         return self.width * self.steps_trained
-
-
-def _budget_counts(trials: Sequence[FrozenTrial]) -> tuple[int, int, set[int]]:
-    """(finished trials that count toward the budget, RUNNING trials, numbers of trials that were retried)."""
-    retried = {int(t.user_attrs[RETRY_ATTR]) for t in trials if RETRY_ATTR in t.user_attrs}
-    done = sum(1 for t in trials if t.state.is_finished()
-               and not (t.state == TrialState.FAIL and t.number in retried))
-    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    return done, running, retried
 
 
 class SearchRun:
@@ -401,7 +250,7 @@ class SearchRun:
         cfg = self.cfg
         self._recover()
         target = cfg.search.trials
-        done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        done, _, _ = budget_counts(self.study.get_trials(deepcopy=False))
         ex = cfg.execution
         if done < target or self._fidelity_todo() or self._reeval_todo():
             pool = open_pool(ex, self.address, [cfg.task], self._open_tracking)
@@ -443,7 +292,7 @@ class SearchRun:
         """Asynchronous ask/tell: every worker starts with a pack of trials; the moment a pack ends, its
         worker gets a pack of new trials, asked with everything told so far (no round waits for its slowest
         pack, and the sampler sees each result as soon as it exists)."""
-        self._done_before, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        self._done_before, _, _ = budget_counts(self.study.get_trials(deepcopy=False))
         self._told_now = 0
         while True:
             if self.stop.is_set():
@@ -475,7 +324,7 @@ class SearchRun:
         replaced."""
         while True:
             self._recover()
-            done, running, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+            done, running, _ = budget_counts(self.study.get_trials(deepcopy=False))
             # RUNNING trials include ours in flight and those of other live drivers sharing the study.
             per_pack = max(1, math.ceil(self.cfg.search.parallel / self.pool.n_workers))
             n = min(per_pack, target - done - running)
@@ -531,7 +380,7 @@ class SearchRun:
 
     def _interrupted(self) -> Interrupted:
         self.tracker.flush()
-        done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        done, _, _ = budget_counts(self.study.get_trials(deepcopy=False))
         return Interrupted(f"interrupted with {done}/{self.cfg.search.trials} trials done; resume with: "
                            f"mfsweep resume {self.out}")
 
@@ -700,7 +549,7 @@ class SearchRun:
         """Fail and retry the trials of this search that a dead driver left RUNNING (and, with a heartbeat
         storage, stale trials of any driver)."""
         if self.storage.heartbeat is not None:
-            with _quiet():
+            with quiet():
                 optuna.storages.fail_stale_trials(
                     optuna.load_study(study_name=self.study_name, storage=self.storage.heartbeat))
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -794,16 +643,8 @@ class SearchRun:
             self._flush_synced([t.number for t in todo])
 
     # ------------------------------------------------------------------ width as fidelity
-    def _fidelity_key(self, width: int, number: int) -> str:
-        return f"{FIDELITY_PREFIX}.w{width:06d}.t{number:06d}"
-
     def _top(self, k: int | None = None) -> list[FrozenTrial]:
-        """The k (default: fidelity.top_k) best complete trials by their single-run value."""
-        if k is None:
-            assert self.cfg.search.fidelity is not None
-            k = self.cfg.search.fidelity.top_k
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return sorted(complete, key=lambda t: (t.values[0], t.number))[:k]
+        return top(self.cfg, self.study, k)
 
     def _fidelity_todo(self) -> list[tuple[FrozenTrial, int]]:
         """(trial, width) pairs of the promotion stage not yet recorded in the study."""
@@ -812,7 +653,7 @@ class SearchRun:
             return []
         have = self.study.user_attrs
         top = self._top()
-        return [(t, w) for w in fid.widths[1:] for t in top if self._fidelity_key(w, t.number) not in have]
+        return [(t, w) for w in fid.widths[1:] for t in top if fidelity_key(w, t.number) not in have]
 
     def _fidelity(self) -> None:
         """Retrain the top_k complete trials at every larger width (no pruning); results go to the study's
@@ -821,7 +662,7 @@ class SearchRun:
         assert fid is not None
         top = self._top()
         # Same parameters and training horizon as the trial, only wider (docs/science.md, width as a fidelity).
-        lives = [self._stage_live(_PROMOTED_BASE + i, t, width, f"-w{width}", self._fidelity_key(width, t.number))
+        lives = [self._stage_live(_PROMOTED_BASE + i, t, width, f"-w{width}", fidelity_key(width, t.number))
                  for i, (t, width) in enumerate(self._fidelity_todo())]
         if not lives:
             return
@@ -877,12 +718,8 @@ class SearchRun:
             raise self._interrupted()
 
     # ------------------------------------------------------------------ re-evaluation on fresh seeds
-    def _reeval_key(self, number: int, j: int) -> str:
-        return f"{REEVAL_PREFIX}.t{number:06d}.s{j}"
-
     def _reeval_seed(self, j: int) -> int:
-        """Fresh seeds: never the search's own (its draws are the ones the pick was lucky on)."""
-        return self.cfg.search.seed + 1 + j
+        return reeval_seed(self.cfg, j)
 
     def _reeval_todo(self) -> list[tuple[FrozenTrial, int]]:
         rv = self.cfg.search.reeval
@@ -890,7 +727,7 @@ class SearchRun:
             return []
         have = self.study.user_attrs
         return [(t, j) for j in range(rv.seeds) for t in self._top(rv.top_k)
-                if self._reeval_key(t.number, j) not in have]
+                if reeval_key(t.number, j) not in have]
 
     def _reeval(self) -> None:
         """Retrain the top_k complete trials on ``seeds`` fresh seeds each; one pack per seed (a seed fixes
@@ -898,7 +735,7 @@ class SearchRun:
         rv = self.cfg.search.reeval
         assert rv is not None
         lives = [self._stage_live(_REEVAL_BASE + i, t, None, f"-seed{self._reeval_seed(j)}",
-                                  self._reeval_key(t.number, j), seed=self._reeval_seed(j))
+                                  reeval_key(t.number, j), seed=self._reeval_seed(j))
                  for i, (t, j) in enumerate(self._reeval_todo())]
         if not lives:
             return
@@ -910,209 +747,10 @@ class SearchRun:
                                data_seed=seed)
         self._run_stage(lives, jobs, "REEVALUATED")
 
-    def _reeval_report(self) -> dict[str, Any] | None:
-        rv = self.cfg.search.reeval
-        if rv is None:
-            return None
-        attrs = self.study.user_attrs
-        rows: list[dict[str, Any]] = []
-        for t in self._top(rv.top_k):
-            recs = [attrs.get(self._reeval_key(t.number, j)) for j in range(rv.seeds)]
-            losses = [None if r is None else r.get("loss") for r in recs]
-            got = [v for v in losses if v is not None]
-            mean = statistics.fmean(got) if len(got) == rv.seeds else None
-            se = statistics.stdev(got) / math.sqrt(len(got)) if mean is not None else None
-            rows.append({"number": t.number, "params": t.params, "single_run": t.values[0],
-                         "seeds": [self._reeval_seed(j) for j in range(rv.seeds)], "losses": losses,
-                         "mean": mean, "se": se})
-        done = [r for r in rows if r["mean"] is not None]
-        pick = min(done, key=lambda r: (r["mean"], r["number"])) if done else None
-        if pick is not None:
-            self.tracker.log_metrics(self.parent, {"reeval.pick_mean": pick["mean"], "reeval.pick_se": pick["se"],
-                                                   "reeval.pick_single_run": pick["single_run"]}, 0)
-        return {"top_k": rv.top_k, "seeds": rv.seeds, "trials": rows, "pick": pick}
-
-    def _fidelity_report(self) -> dict[str, Any] | None:
-        fid = self.cfg.search.fidelity
-        if fid is None:
-            return None
-        from scipy.stats import spearmanr
-
-        attrs = self.study.user_attrs
-        rows: list[dict[str, Any]] = []
-        for t in self._top():
-            losses: dict[str, float | None] = {str(fid.widths[0]): float(t.value or math.nan)}
-            for w in fid.widths[1:]:
-                rec = attrs.get(self._fidelity_key(w, t.number))
-                losses[str(w)] = None if rec is None else rec.get("loss")
-            rows.append({"number": t.number, "params": t.params, "losses": losses})
-        spearman: dict[str, float | None] = {}
-        small = str(fid.widths[0])
-        for w in fid.widths[1:]:
-            pairs = [(r["losses"][small], r["losses"][str(w)]) for r in rows
-                     if r["losses"][str(w)] is not None and r["losses"][small] is not None]
-            rho = None
-            if len(pairs) >= 3:
-                val = float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
-                rho = val if math.isfinite(val) else None
-            spearman[str(w)] = rho
-            if rho is not None:
-                self.tracker.log_metrics(self.parent, {f"fidelity.spearman.w{fid.widths[0]}_w{w}": rho}, w)
-        largest = str(fid.widths[-1])
-        finished = [r for r in rows if r["losses"][largest] is not None]
-        best = min(finished, key=lambda r: r["losses"][largest]) if finished else None
-        return {"widths": fid.widths, "top_k": fid.top_k, "trials": rows, "spearman": spearman,
-                "best_at_largest_width": None if best is None else
-                {"number": best["number"], "params": best["params"], "width": fid.widths[-1],
-                 "value": best["losses"][largest]}}
-
-    # ------------------------------------------------------------------ results
-    def _best(self, fidelity: dict[str, Any] | None, reeval: dict[str, Any] | None
-              ) -> tuple[FrozenTrial | None, int | None, float | None]:
-        """(best trial, the width its exported config should use, value) for the best-config export: the
-        best at the largest fidelity width, else the lowest re-evaluated mean, else the lowest single run."""
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
-            return None, None, None
-        if fidelity is not None and fidelity["best_at_largest_width"] is not None:
-            b = fidelity["best_at_largest_width"]
-            t = next(tt for tt in complete if tt.number == b["number"])
-            return t, int(b["width"]), float(b["value"])
-        if reeval is not None and reeval["pick"] is not None:
-            t = next(tt for tt in complete if tt.number == reeval["pick"]["number"])
-            return t, None, float(reeval["pick"]["mean"])
-        t = min(complete, key=lambda tt: tt.values[0])
-        return t, None, float(t.values[0])
-
-    def _export_best(self, t: FrozenTrial, width: int | None, value: float) -> Path:
-        """The best trial's settings as a scaling config (``mfsweep scaling best_config.yaml``), checked by
-        loading it back."""
-        tcfg, w = self.cfg.resolve(t.params, width)
-        raw = tcfg.model_dump(mode="json")
-        raw["name"] = f"{self.cfg.name}_best"
-        raw["sweep"]["seed"] = self.cfg.search.seed
-        path = self.out / "best_config.yaml"
-        head = (f"# Best trial #{t.number} of study '{self.study_name}' (final test loss {value:.6g} at "
-                f"width {w}).\n# Run the error-vs-width sweep with it:  mfsweep scaling {path}\n")
-        path.write_text(head + dump(ScalingConfig.model_validate(raw)))
-        load(path)  # must be valid as it stands
-        return path
-
-    def _plots(self) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as ovm
-
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        target: Callable[[FrozenTrial], float] | None = None if self.single else (lambda t: t.values[0])
-        name = "final test loss"
-        plots: list[tuple[str, Callable[[], Any]]] = [
-            ("optimization_history.png", lambda: ovm.plot_optimization_history(
-                self.study, target=target, target_name=name)),
-            ("param_importances.png", lambda: ovm.plot_param_importances(
-                self.study, target=target, target_name=name,
-                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=self.cfg.search.sampler.seed))),
-            ("parallel_coordinate.png", lambda: ovm.plot_parallel_coordinate(
-                self.study, target=target, target_name=name)),
-        ]
-        if self.single:
-            plots.append(("intermediate_values.png", lambda: ovm.plot_intermediate_values(self.study)))
-        else:
-            plots.append(("pareto_front.png", lambda: ovm.plot_pareto_front(
-                self.study, target_names=["final test loss", "particle-steps"])))
-        out = []
-        for fname, fn in plots:
-            if len(complete) < 2 and fname != "intermediate_values.png":
-                continue
-            try:
-                with _quiet(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ax = fn()
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                fig.savefig(self.out / fname, dpi=110, bbox_inches="tight")
-                plt.close(fig)
-                out.append(self.out / fname)
-            except Exception as err:  # e.g. importances need two distinct values of a parameter
-                why = str(err).splitlines()[0][:150] if str(err) else type(err).__name__
-                self.console.print(f"[yellow]no {fname}: {why}[/]", highlight=False)
-            plt.close("all")
-        return out
-
     def _finish(self) -> dict[str, Any]:
         self._sync_mlflow()
-        trials = self.study.get_trials(deepcopy=False)
-        states = {s: sum(1 for t in trials if t.state.name == s) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        _, _, retried = _budget_counts(trials)
-        fidelity = self._fidelity_report()
-        reeval = self._reeval_report()
-        best_t, best_w, best_v = self._best(fidelity, reeval)
-        summary: dict[str, Any] = {
-            "study": self.study_name,
-            "n_trials": len(trials),
-            "states": states,
-            "best": None if best_t is None else {
-                "params": best_t.params, "value": best_v, "number": best_t.number,
-                "value_is": (f"final test loss at width {best_w}" if best_w is not None else
-                             f"mean final test loss over {reeval['seeds']} fresh seeds"
-                             if reeval is not None and reeval["pick"] is not None else "final test loss")},
-            "mlflow": {"tracking_uri": redact(self.tracking_uri), "experiment_id": self.tracker.experiment_id,
-                       "parent_run_id": self.parent},
-            "objective": self.cfg.search.objective.mode,
-            "retried": sorted(retried),
-            # All the training this search did: its trials, plus the fidelity and re-evaluation networks.
-            "particle_steps": int(sum(int(t.user_attrs.get(PS_ATTR, 0)) for t in trials)) + int(sum(
-                int(v.get(PS_ATTR, 0)) for k, v in self.study.user_attrs.items()
-                if k.startswith((FIDELITY_PREFIX, REEVAL_PREFIX)) and isinstance(v, dict))),
-            "storage": self.storage_desc,
-        }
-        if not self.single:
-            summary["pareto_front"] = [{"number": t.number, "params": t.params, "values": t.values}
-                                       for t in sorted(self.study.best_trials, key=lambda t: t.values[0])]
-        if fidelity is not None:
-            summary["fidelity"] = fidelity
-        if reeval is not None:
-            summary["reeval"] = reeval
-        artifacts = self._plots()
-        if best_t is not None and best_v is not None:
-            path = self._export_best(best_t, best_w, best_v)
-            summary["best_config"] = str(path)
-            artifacts.append(path)
-            self.tracker.log_metrics(self.parent, {"best_value": best_v}, 0)
-        self.tracker.log_metrics(self.parent, {
-            "n_complete": float(states["COMPLETE"]), "n_pruned": float(states["PRUNED"]),
-            "n_fail": float(states["FAIL"]), "total_particle_steps": float(summary["particle_steps"])}, 0)
-        self.tracker.set_tags(self.parent, {"mfsweep.trials": str(self.cfg.search.trials)})
-        mlflow_view.describe(self.tracker, self.parent, mlflow_view.search_paragraph(
-            self.study_name, len(trials), states, summary["best"]))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True, default=str))
-        artifacts.insert(0, self.out / "summary.json")
-        self.tracker.flush()
-        for path in artifacts:
-            self.tracker.log_artifact(self.parent, path)
-        self.tracker.end_run(self.parent, "FINISHED")
-        self._print_table(trials, summary)
-        return summary
-
-    def _print_table(self, trials: Sequence[FrozenTrial], summary: Mapping[str, Any]) -> None:
-        done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[0])[:8]
-        keys = list(self.cfg.search.space)
-        counts = ", ".join(f"{v} {k.lower()}" for k, v in summary["states"].items())
-        table = Table(title=f"{self.study_name}: best trials", caption=f"{len(trials)} trials: {counts}")
-        table.add_column("#", justify="right")
-        for k in keys:
-            table.add_column(k.split(".")[-1] if k != WIDTH else WIDTH)
-        table.add_column("test loss", justify="right")
-        table.add_column("particle-steps", justify="right")
-        for t in done:
-            cells = [str(t.number)]
-            for k in keys:
-                v = t.params.get(k, "-")
-                cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-            cells += [f"{t.values[0]:.4g}", f"{int(t.user_attrs.get(PS_ATTR, 0)):,}"]
-            table.add_row(*cells)
-        Console().print(table)
+        return SearchReport(self.cfg, self.study, self.study_name, self.out, self.console, self.tracker,
+                            self.parent, self.storage_desc, self.tracking_uri).finish()
 
 
 # --------------------------------------------------------------------------- CLI entry points
