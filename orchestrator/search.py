@@ -84,7 +84,7 @@ from .search_report import (
     reeval_seed,
     top,
 )
-from .study import HEARTBEAT_S, StorageError, make_pruner, make_sampler, open_storage, quiet, suggest
+from .study import StorageError, make_pruner, make_sampler, open_storage, quiet, suggest
 from .userdata import DataShipper
 
 __all__ = ["SearchRun", "StorageError", "make_pruner", "make_sampler", "network_spec", "resume_search",
@@ -94,6 +94,10 @@ EXIT_SERVICE = 3
 KEY_ATTR = "mfsweep.search_key"
 DRIVER_ATTR = "mfsweep.driver"
 REASON_ATTR = "mfsweep.reason"
+HEARTBEAT_S = 10
+"""RDB storages: a heartbeat of this driver's running trials every this many seconds."""
+GRACE_S = 60
+"""... and another driver's trial without one for this long is stale (failed and retried)."""
 # Promoted (fidelity) networks need ids that never collide with trial numbers inside a pack.
 _PROMOTED_BASE = 1 << 40
 _REEVAL_BASE = 1 << 41
@@ -205,7 +209,7 @@ class SearchRun:
             self.folder.write_state(self._state)
             self.folder.write_config("search.yaml", dump(self.cfg))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            self.storage = open_storage(self.storage_url, out, self._on_stale)
+            self.storage = open_storage(self.storage_url, out, self._on_stale, heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S)
             self.storage_desc = where = self.storage.desc
             try:
                 self.study = optuna.create_study(

@@ -21,12 +21,8 @@ from workers.engine import derive_seed
 from .credentials import PASSWORD_ENV, has_password, redact, storage_password
 from .search_config import ParamConfig, SearchConfig
 
-__all__ = ["GRACE_S", "HEARTBEAT_S", "Storage", "StorageError", "make_pruner", "make_sampler", "open_storage",
+__all__ = ["Storage", "StorageError", "make_pruner", "make_sampler", "open_storage",
            "quiet", "suggest"]
-
-HEARTBEAT_S = 10
-GRACE_S = 60
-
 
 class StorageError(RuntimeError):
     """The Optuna storage cannot be used (one line naming the fix)."""
@@ -134,8 +130,10 @@ class Storage:
     records heartbeats itself."""
 
 
-def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> Storage:
-    """The journal file in ``out`` by default, else an RDB URL (with a heartbeat handle)."""
+def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, FrozenTrial], None], *,
+                 heartbeat_s: int, grace_s: int) -> Storage:
+    """The journal file in ``out`` by default, else an RDB URL (with a heartbeat handle: a beat every
+    ``heartbeat_s``, a trial stale after ``grace_s`` without one)."""
     if url is None or url.startswith("journal:") or not re.match(r"^[a-z][a-z0-9+]*://", url):
         path = out / "optuna.journal" if url is None else Path(url.removeprefix("journal:"))
         try:
@@ -160,8 +158,8 @@ def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, F
         main = optuna.storages.RDBStorage(url, engine_kwargs=engine)
         with quiet():
             heartbeat = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                grace_period=grace_s, heartbeat_stale_trial_callback=on_stale)
     except Exception as err:  # sqlalchemy errors, missing drivers, bad URLs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if password is not None:
