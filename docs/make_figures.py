@@ -78,6 +78,8 @@ EXPERIMENTS = [
                (2e-2, 1.5e-2, 1.2e-2, 1e-2, 8e-3), train_loss=True),
     Experiment("spin3_width", "3-spin energy on S^3: error vs width, ReLU / Gaussian units, SGD / GD",
                "relu_sgd", (1e-2, 3e-3, 1e-3, 5e-4), train_loss=True, exponent_vs_time=True),
+    Experiment("quickstart", "3-spin on S^3, ReLU SGD with a decaying step, each network trained until converged",
+               "sgd", (1e-2, 3e-3, 1e-3, 5e-4), config="orchestrator/quickstart.yaml"),
     Experiment("mf_vs_ntk_teacher", "Mean-field vs NTK scaling on the teacher task at equal dt", "mean_field",
                (1e-2, 3e-3, 1e-3, 3e-4), exponent_vs_time=True),
     Experiment("bd_width_closed_form", "Birth-death vs width, exact energy (example A, uniform init)", "gd",

@@ -521,6 +521,28 @@ def _curve_groups(names: Sequence[str]) -> dict[str, list[tuple[str, int | None]
     return {g: sorted(members, key=lambda nw: (nw[1] is None, nw[1] or 0)) for g, members in groups.items()}
 
 
+def seed_mean_curve(per_seed: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Mean over seeds at every reported step, a seed that stopped earlier counting at its last value: a
+    network stops when its loss is stationary (or at the cap), so its last value stands for what follows,
+    and the mean does not jump where the set of seeds still running changes."""
+    curves = [sorted((s, v) for s, v in c if math.isfinite(v)) for c in per_seed]
+    curves = [c for c in curves if c]
+    steps = sorted({s for c in curves for s, _ in c})
+    out: list[tuple[int, float]] = []
+    pos = [0] * len(curves)
+    last: list[float | None] = [None] * len(curves)
+    for step in steps:
+        vals = []
+        for i, c in enumerate(curves):
+            while pos[i] < len(c) and c[pos[i]][0] <= step:
+                last[i] = c[pos[i]][1]
+                pos[i] += 1
+            if last[i] is not None:
+                vals.append(last[i])
+        out.append((step, sum(vals) / len(vals)))  # type: ignore[arg-type]
+    return out
+
+
 def curves_figure(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
                   ylabel: str = "test loss") -> Figure:
     """One panel per variant (shared axes), the variant's own hue, darker for wider networks (see `plot_curves`)."""

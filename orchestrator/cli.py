@@ -14,6 +14,7 @@ use by another driver), 3 a service could not be used (Ray, MLflow, Optuna stora
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -86,6 +87,23 @@ def _direct(args: argparse.Namespace) -> dict[str, object]:
     return direct
 
 
+def _browse_hint(out: Path, tracking_uri: str | None) -> str:
+    """How to look at the sweep in MLflow: the command and the page that opens on its runs."""
+    from .credentials import redact
+    from .mlflow_view import ui_page
+
+    try:
+        exp = json.loads((out / "summary.json").read_text())["mlflow"]["experiment_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        exp = None
+    if tracking_uri:
+        where = redact(tracking_uri)
+        page = ui_page(exp, where.rstrip("/")) if exp and where.startswith("http") else where
+        return f"browse it at {page}"
+    cmd = f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"
+    return f"browse with: {cmd}, then open {ui_page(exp)}" if exp else f"browse with: {cmd}"
+
+
 def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -95,7 +113,6 @@ def _default_out(name: str) -> Path:
 def _scaling(args: argparse.Namespace, console: Console) -> int:
     from . import config as config_mod
     from . import runfolder
-    from .credentials import redact
     from .preflight import check_scaling
 
     cfg = config_mod.load(args.config or config_mod.QUICKSTART, args.overrides, **_direct(args))
@@ -115,9 +132,7 @@ def _scaling(args: argparse.Namespace, console: Console) -> int:
 
         ScalingSweep(cfg, out, tracking_uri=args.tracking_uri, address=args.address, console=console,
                      progress=not args.no_progress).run()
-    browse = (f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"
-              if not args.tracking_uri else f"mlflow ui / {redact(args.tracking_uri)}")
-    console.print(f"done: {out}/summary.json; browse with: {browse}", soft_wrap=True)
+    console.print(f"done: {out}/summary.json; {_browse_hint(out, args.tracking_uri)}", soft_wrap=True)
     return 0
 
 

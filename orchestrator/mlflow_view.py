@@ -106,6 +106,13 @@ def result_paragraph(name: str, widths: Sequence[int], seeds: int, per_variant: 
             "them); each network is a child run.")
 
 
+def ui_page(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's page in the MLflow UI, on its runs. MLflow 3.17's UI picks GenAI or model-training
+    pages from a global toggle, not from the experiment's kind tag, and opens on GenAI's trace overview; the
+    query parameter selects model training (the UI then remembers it)."""
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def describe(tracker: Tracker, run_id: str, text: str) -> None:
     """Set the run's description (shown at the top of its page in the MLflow UI)."""
     tracker.set_tags(run_id, {NOTE_TAG: text})

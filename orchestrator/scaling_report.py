@@ -87,8 +87,8 @@ class ScalingReport:
                                                    f"{self.cfg.name}: test loss vs width"))
         curves = self._mean_curves()
         if curves:
-            artifacts.append(analysis.plot_curves(curves, self.out / "curves.png",
-                                                  f"{self.cfg.name}: test loss (mean over seeds)"))
+            title = f"{self.cfg.name}: test loss (mean over seeds; a stopped network at its last value)"
+            artifacts.append(analysis.plot_curves(curves, self.out / "curves.png", title))
         self.tracker.flush()
         for path in artifacts:
             self.tracker.log_artifact(self.parent, path)
@@ -97,15 +97,13 @@ class ScalingReport:
         return summary
 
     def _mean_curves(self) -> dict[str, list[tuple[int, float]]]:
-        """Seed-averaged test-loss curve per (variant, width) from this session's reports."""
-        acc: dict[str, dict[int, list[float]]] = {}
+        """Seed-averaged test-loss curve per (variant, width) from this session's reports (a network that
+        stopped counts at its last value: see analysis.seed_mean_curve)."""
+        acc: dict[str, list[list[tuple[int, float]]]] = {}
         for nid, pts in self.curves.items():
             net = self.by_id[nid]
-            label = f"{net.variant} n={net.spec.width}"
-            for step, val in pts:
-                if math.isfinite(val):
-                    acc.setdefault(label, {}).setdefault(step, []).append(val)
-        return {k: sorted((s, sum(v) / len(v)) for s, v in d.items()) for k, d in acc.items()}
+            acc.setdefault(f"{net.variant} n={net.spec.width}", []).append(pts)
+        return {k: analysis.seed_mean_curve(v) for k, v in acc.items()}
 
     def _print_table(self, analyses: dict[str, analysis.VariantAnalysis]) -> None:
         """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits, then

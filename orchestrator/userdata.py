@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from workers.engine.specs import DataSpec
+
 from .config import ConfigError
 
 if TYPE_CHECKING:
@@ -45,20 +47,11 @@ class DataError(ConfigError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
-    """How a dataset file is read and prepared (the hashable key of the driver's cache)."""
+class Options(DataSpec):
+    """How a dataset file is read and prepared: the task's data spec and the split seed (the hashable key of
+    the driver's cache)."""
 
-    path: str
-    test_path: str | None = None
-    x_key: str = "x"
-    y_key: str = "y"
-    features: tuple[str | int, ...] = ()
-    targets: tuple[str | int, ...] = ()
-    test_fraction: float = 0.25
     seed: int = 0
-    standardize_inputs: bool = True
-    standardize_targets: bool = False
-    classification: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,8 +287,7 @@ def options_of(spec: TaskSpec) -> Options:
     d = spec.data
     if d is None:
         raise DataError("task.kind=dataset needs task.path")
-    return Options(d.path, d.test_path, d.x_key, d.y_key, tuple(d.features), tuple(d.targets), d.test_fraction,
-                   spec.seed, d.standardize_inputs, d.standardize_targets, d.classification)
+    return Options(**{f.name: getattr(d, f.name) for f in dataclasses.fields(d)}, seed=spec.seed)
 
 
 # --------------------------------------------------------------------------- target functions
@@ -391,9 +383,11 @@ def resolve(task: TaskConfig) -> dict[str, Any]:
     if kind == "dataset":
         if not task.path:
             raise DataError("task.kind=dataset needs task.path (a .npz, .npy, .csv or .parquet file)")
-        opts = Options(_abs(task.path), _abs(task.test_path) if task.test_path else None, task.x_key, task.y_key,
-                       tuple(task.features), tuple(task.targets), task.test_fraction, task.seed,
-                       task.standardize_inputs, task.standardize_targets, task.classification)
+        opts = Options(path=_abs(task.path), test_path=_abs(task.test_path) if task.test_path else None,
+                       x_key=task.x_key, y_key=task.y_key, features=tuple(task.features),
+                       targets=tuple(task.targets), test_fraction=task.test_fraction, seed=task.seed,
+                       standardize_inputs=task.standardize_inputs, standardize_targets=task.standardize_targets,
+                       classification=task.classification)
         prep = prepare(opts)
         found = {**prep.sizes, "content_hash": prep.content_hash, "path": opts.path, "test_path": opts.test_path}
     elif kind == "function":

@@ -384,3 +384,13 @@ def test_curves_figure_handles_unparsed_names_and_long_legends(tmp_path: Path) -
     out = plot_curves(plain, tmp_path / "curves.png", "test loss")
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert {ln.get_gid() for ln in curves_figure(plain, "t").axes[0].lines} == {"n=16", "with junk"}
+
+
+def test_seed_mean_curve_carries_a_stopped_seed_at_its_last_value() -> None:
+    from orchestrator.analysis import seed_mean_curve
+
+    a = [(0, 4.0), (10, 2.0), (20, 1.0)]           # stopped at step 20
+    b = [(0, 6.0), (10, 4.0), (20, 3.0), (30, 2.0), (40, 1.0)]
+    got = seed_mean_curve([a, b])
+    assert got == [(0, 5.0), (10, 3.0), (20, 2.0), (30, 1.5), (40, 1.0)]
+    assert seed_mean_curve([[(0, float("nan")), (10, 2.0)], [(0, 1.0)]]) == [(0, 1.0), (10, 1.5)]

@@ -95,3 +95,17 @@ def test_older_experiment_gets_the_kind_tag_and_keeps_its_own(tmp_path: Path) ->
         Tracker(uri, name).close()
     assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
     assert client.get_experiment(genai).tags["mlflow.experimentKind"] == "genai_development"  # a user's choice
+
+
+def test_done_line_names_the_page_that_opens_on_the_runs(sweep: Path) -> None:
+    """The last line of a sweep tells the user the command and the page; the page selects MLflow's
+    model-training view (its UI ignores the experiment's kind tag and would open on GenAI traces)."""
+    from orchestrator.cli import _browse_hint
+
+    summary = json.loads((sweep / "summary.json").read_text())
+    hint = _browse_hint(sweep, None)
+    assert f"sqlite:///{(sweep / 'mlflow.db').resolve()}" in hint
+    assert hint.endswith(f"/#/experiments/{summary['mlflow']['experiment_id']}?workflowType=machine_learning")
+    assert _browse_hint(sweep, "http://user:secret@mlflow.example:5000/").endswith(
+        f"http://user:***@mlflow.example:5000/#/experiments/{summary['mlflow']['experiment_id']}"
+        "?workflowType=machine_learning")

@@ -203,17 +203,43 @@ def test_converged_network_retires_and_pack_mates_are_unchanged() -> None:
         assert a.estimate.converged == b.estimate.converged
 
 
-def test_birth_death_network_is_judged_only_after_its_quench() -> None:
-    """A network whose birth-death ends at a quench is not stopped while birth-death runs, and its window
-    never reaches back across the quench (a floor under birth-death says nothing of the loss after it)."""
-    steps, quench = 600, 200
-    dyn = _plateau(steps, stop_rel_tol=1.0, bd_quench=quench)  # so loose that anything stationary would stop
-    nets = [NetworkSpec(1, 8, seed=1, lr=0.5, bd_rate=0.05), NetworkSpec(2, 8, seed=1, lr=0.5)]
+def test_birth_death_ends_when_stationary_and_the_network_is_judged_after(tmp_path: Path) -> None:
+    """Plateau rule: a birth-death network whose loss is stationary under birth-death stops birth-death there
+    (an adaptive quench, before the configured one), has no birth-death event after, and is judged only on
+    the reports after that step; alone == packed; a checkpoint taken after the quench continues exactly."""
+    steps, quench = 800, 200
+    dyn = _plateau(steps, stop_rel_tol=0.3, bd_quench=quench)
+    nets = [NetworkSpec(1, 8, seed=1, lr=0.5, bd_rate=2.0), NetworkSpec(2, 8, seed=1, lr=0.5),
+            NetworkSpec(3, 16, seed=3, lr=0.5, bd_rate=2.0)]
     pack = Pack(TEACHER, MODEL, dyn, nets, data_seed=5, dtype=F64, device=DEVICE)
-    run_reports(pack)
-    bd, plain = pack.retired[1], pack.retired[2]
-    assert plain.step < steps - quench  # without birth-death the loose test stops it early
-    assert bd.step >= steps - quench and bd.estimate is not None and bd.estimate.start >= steps - quench
+    events: dict[int, list[tuple[int, int]]] = {1: [], 3: []}
+    reports = []
+    for rep in pack.train():
+        reports.append({m.net_id: (m.train_loss, m.test_loss) for m in rep.metrics})
+        for nid, (kills, clones) in rep.bd_events.items():
+            events[nid].append((rep.step, kills + clones))
+    assert pack.bd_ended and all(t < steps - quench for t in pack.bd_ended.values())
+    for nid, t_end in pack.bd_ended.items():
+        rec = pack.retired[nid]
+        assert rec.estimate is not None and rec.estimate.start >= t_end and rec.step > t_end
+        assert sum(k for step, k in events[nid] if step <= t_end) > 0  # birth-death did run
+        assert all(k == 0 for step, k in events[nid] if step > t_end + dyn.eval_every)
+    for net in nets:
+        alone = Pack(TEACHER, MODEL, dyn, [net], data_seed=5, dtype=F64, device=DEVICE)
+        assert_reports_close([r for r in only(reports, [net.net_id]) if r], [r for r in run_reports(alone) if r])
+        assert alone.bd_ended.get(net.net_id) == pack.bd_ended.get(net.net_id)
+    # Save right after the first adaptive quench, load, finish: the same reports as the straight run.
+    first = min(pack.bd_ended.values())
+    again = Pack(TEACHER, MODEL, dyn, nets, data_seed=5, dtype=F64, device=DEVICE)
+    head = []
+    for rep in again.train():
+        head.append({m.net_id: (m.train_loss, m.test_loss) for m in rep.metrics})
+        if rep.step >= first + 5 * dyn.eval_every:
+            break
+    again.save(tmp_path / "q.pt")
+    resumed = Pack.load(tmp_path / "q.pt", device=DEVICE)
+    assert resumed.bd_ended == {k: v for k, v in pack.bd_ended.items() if v <= resumed.step}
+    assert head + run_reports(resumed) == reports  # bit for bit
 
 
 def test_fixed_rule_reports_convergence_at_the_cap() -> None:

@@ -261,6 +261,13 @@ class _Group:
         if self.specs:
             self._vectors(self.z.device, self.z.dtype)
 
+    def end_birth_death(self, row: int) -> None:
+        """Stop birth-death for one network of the group (its rate becomes 0; the step size stays)."""
+        self.specs[row] = dataclasses.replace(self.specs[row], bd_rate=0.0)
+        factor = self.factor
+        self._vectors(self.z.device, self.z.dtype)
+        self.set_factor(factor)
+
 
 class Pack:
     """Trains a set of networks on one task, one model family and one dynamics, as one particle system.
@@ -293,6 +300,8 @@ class Pack:
         self.task_spec, self.model, self.dynamics = task, model, dynamics
         self.networks = tuple(networks)
         self._bd_rate = {sp.net_id: sp.bd_rate for sp in self.networks}
+        self.bd_ended: dict[int, int] = {}
+        """Plateau rule: networks whose birth-death ended early (stationary under it), and at which step."""
         self.data_seed = data_seed
         self.device = torch.device(device)
         self.dtype = dtype
@@ -592,13 +601,27 @@ class Pack:
         self._pending.append(rec)
 
     def _final_phase(self, net_id: int) -> int:
-        """First step of the network's final dynamics: where a birth-death quench begins for a network that
-        runs birth-death, else 0. Its window never reaches back across that step, and the plateau rule does
-        not stop it before: a loss stationary under birth-death says nothing of the loss after it."""
+        """First step of the network's final dynamics once it has begun: where its birth-death ended (early
+        under the plateau rule, or at the quench), else 0. Its window never reaches back across that step: a
+        loss stationary under birth-death says nothing of the loss after it."""
+        if net_id in self.bd_ended:
+            return self.bd_ended[net_id]
         d = self.dynamics
-        if d.bd_quench > 0 and self._bd_rate[net_id] > 0:
+        if d.bd_quench > 0 and self._bd_rate[net_id] > 0 and self.step >= d.steps - d.bd_quench:
             return d.steps - d.bd_quench
         return 0
+
+    def _bd_running(self, net_id: int) -> bool:
+        """Whether the network still runs birth-death (it has a rate, it has not ended, no quench yet)."""
+        d = self.dynamics
+        return (self._bd_rate[net_id] > 0 and net_id not in self.bd_ended
+                and not (d.bd_quench > 0 and self.step >= d.steps - d.bd_quench))
+
+    def _end_birth_death(self, net_id: int) -> None:
+        g, r = self._locate(net_id)
+        g.end_birth_death(r)
+        self.bd_ended[net_id] = self.step
+        self.windows[net_id] = Window()
 
     def _estimate(self, net_id: int) -> Estimate | None:
         d = self.dynamics
@@ -617,10 +640,12 @@ class Pack:
                 self.capped.add(nid)
         elif d.stop_rule is StopRule.PLATEAU and self.step >= d.stop_min_steps:
             for nid in self.running:
-                if self.step < self._final_phase(nid):
-                    continue
                 est = self._estimate(nid)
-                if est is not None and est.converged:
+                if est is not None and est.converged and self._bd_running(nid):
+                    # Stationary under birth-death: birth-death has done its work. It ends here (an adaptive
+                    # quench) and the network is judged on what follows.
+                    self._end_birth_death(nid)
+                elif est is not None and est.converged:
                     self.retire(nid, NetStatus.FINISHED, f"converged at step {self.step}", last[nid], est)
 
     def extend(self, dynamics: DynamicsSpec) -> None:
@@ -719,6 +744,7 @@ class Pack:
             "pending": [rec.net_id for rec in self._pending],
             "windows": {str(i): w.state() for i, w in self.windows.items()},
             "capped": sorted(self.capped),
+            "bd_ended": {str(i): t for i, t in self.bd_ended.items()},
         }
         groups = []
         for g in self.groups:
@@ -811,6 +837,11 @@ class Pack:
         for i in running - set(self.windows):
             self.windows[i] = Window()
         self.capped = set(meta.get("capped", []))
+        self.bd_ended = {int(i): int(t) for i, t in meta.get("bd_ended", {}).items()}
+        for i in self.bd_ended:
+            if i in running:
+                g, r = self._locate(i)
+                g.end_birth_death(r)
         # Retirements not yet reported when the checkpoint was taken still go out with the next report.
         self._pending = [self.retired[i] for i in meta.get("pending", [])]
 
