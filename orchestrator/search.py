@@ -69,14 +69,12 @@ from .pool import (
     PoolError,
     WorkersLost,
     close_in_background,
-    is_infrastructure_reason,
 )
 from .runfolder import RunFolder
 from .runmeta import flatten, stop_on_signals
 from .search_config import WIDTH, SearchConfig, load_search
 from .search_report import (
     PS_ATTR,
-    RETRY_ATTR,
     SearchReport,
     budget_counts,
     fidelity_key,
@@ -84,16 +82,25 @@ from .search_report import (
     reeval_seed,
     top,
 )
-from .study import StorageError, make_pruner, make_sampler, open_storage, quiet, suggest
+from .study import (
+    DRIVER_ATTR,
+    KEY_ATTR,
+    REASON_ATTR,
+    RETRY_ATTR,
+    StorageError,
+    TrialBook,
+    make_pruner,
+    make_sampler,
+    on_stale,
+    open_storage,
+    suggest,
+)
 from .userdata import DataShipper
 
-__all__ = ["SearchRun", "StorageError", "make_pruner", "make_sampler", "network_spec", "resume_search",
-           "run_search_cli", "suggest"]
+__all__ = ["DRIVER_ATTR", "KEY_ATTR", "PS_ATTR", "REASON_ATTR", "RETRY_ATTR", "SearchRun", "StorageError",
+           "make_pruner", "make_sampler", "network_spec", "resume_search", "run_search_cli", "suggest"]
 
 EXIT_SERVICE = 3
-KEY_ATTR = "mfsweep.search_key"
-DRIVER_ATTR = "mfsweep.driver"
-REASON_ATTR = "mfsweep.reason"
 HEARTBEAT_S = 10
 """RDB storages: a heartbeat of this driver's running trials every this many seconds."""
 GRACE_S = 60
@@ -198,7 +205,6 @@ class SearchRun:
         """Trials told since the last MLflow flush (their runs' ends are flushed per finished pack)."""
         self._told_now = 0
         self._hb_stop = threading.Event()
-        self._infra_checked = False
         self._state = {"search_key": self.search_key, "study": self.study_name, "storage": self.storage_url,
                        "tracking_uri": self.tracking_uri, "name": cfg.name}
 
@@ -209,19 +215,20 @@ class SearchRun:
             self.folder.write_state(self._state)
             self.folder.write_config("search.yaml", dump(self.cfg))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            self.storage = open_storage(self.storage_url, out, self._on_stale, heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S)
+            self.storage = open_storage(self.storage_url, out, on_stale, heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S)
             self.storage_desc = where = self.storage.desc
             try:
                 self.study = optuna.create_study(
                     storage=self.storage.main, study_name=self.study_name, load_if_exists=True,
                     directions=["minimize"] if self.single else ["minimize", "minimize"])
-                self.study_id = self.storage.main.get_study_id_from_name(self.study_name)
+                study_id = self.storage.main.get_study_id_from_name(self.study_name)
             except ValueError as err:  # an existing study with other directions
                 raise ConfigError(f"study '{self.study_name}' on {where}: {err}; pick another --study"
                                   ) from None
             except Exception as err:
                 raise StorageError(f"cannot open study '{self.study_name}' on {where}: "
                                    f"{str(err).strip().splitlines()[0][:200]}") from None
+            self.book = TrialBook(self.study, self.storage, study_id, self.search_key, self.driver_id, self.console)
             self.study.sampler = make_sampler(self.cfg, len(self.study.get_trials(deepcopy=False)))
             self.study.pruner = make_pruner(self.cfg)
             try:
@@ -252,7 +259,7 @@ class SearchRun:
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self._recover()
+        self.book.recover()
         target = cfg.search.trials
         done, _, _ = budget_counts(self.study.get_trials(deepcopy=False))
         ex = cfg.execution
@@ -327,14 +334,14 @@ class SearchRun:
         Trials that cannot run (an invalid combination, too wide for a worker) are told FAIL at once and
         replaced."""
         while True:
-            self._recover()
+            self.book.recover()
             done, running, _ = budget_counts(self.study.get_trials(deepcopy=False))
             # RUNNING trials include ours in flight and those of other live drivers sharing the study.
             per_pack = max(1, math.ceil(self.cfg.search.parallel / self.pool.n_workers))
             n = min(per_pack, target - done - running)
             if n <= 0:
                 return []
-            lives = [self._start_trial(self._ask()) for _ in range(n)]
+            lives = [self._start_trial(self.book.ask()) for _ in range(n)]
             jobs = self._pack([lv for lv in lives if lv.fail_reason is None], tag=f"t{lives[0].number:06d}",
                               spread=False)
             for lv in lives:
@@ -370,7 +377,7 @@ class SearchRun:
                 self._tell(lv)
         for lv in interrupted:
             why = f"driver interrupted at step {lv.last_step}; retried as a new trial"
-            self._retry(self._frozen(lv.number), why)
+            self.book.retry(self._frozen(lv.number), why)
             self._log_end(lv.run_id, self._frozen(lv.number))
             self._told.append(lv.number)
         self._flush_told()
@@ -387,17 +394,6 @@ class SearchRun:
         done, _, _ = budget_counts(self.study.get_trials(deepcopy=False))
         return Interrupted(f"interrupted with {done}/{self.cfg.search.trials} trials done; resume with: "
                            f"mfsweep resume {self.out}")
-
-    def _ask(self) -> Trial:
-        """A RUNNING trial marked as this driver's. A plain ask() would leave a window in which a killed
-        driver leaves a RUNNING trial nobody can attribute; so the trial is enqueued with our marks first
-        and ask() pops the oldest WAITING trial (ours, or a retry, which carries the search key too)."""
-        if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            self.study.enqueue_trial({}, user_attrs={KEY_ATTR: self.search_key, DRIVER_ATTR: self.driver_id})
-        trial = self.study.ask()
-        trial.set_user_attr(KEY_ATTR, self.search_key)
-        trial.set_user_attr(DRIVER_ATTR, self.driver_id)
-        return trial
 
     # ------------------------------------------------------------------ trials
     def _frozen(self, number: int) -> FrozenTrial:
@@ -424,7 +420,7 @@ class SearchRun:
         trial.set_user_attr("steps", steps)
         run = self._child(trial.number, params, width, steps, tcfg)
         lv = _Live(trial.number, trial.number, params, width, steps, run, trial=trial,
-                   trial_id=self._trial_id(trial.number) if self.storage.heartbeat else None, cfg=tcfg,
+                   trial_id=self.book.trial_id(trial.number) if self.storage.heartbeat else None, cfg=tcfg,
                    fail_reason=reason)
         self.live[lv.net_id] = lv
         return lv
@@ -537,49 +533,6 @@ class SearchRun:
         self._told_now += 1
 
     # ------------------------------------------------------------------ recovery
-    def _retry(self, t: FrozenTrial, reason: str) -> None:
-        """Fail a trial that will never be told and enqueue its parameters once (idempotent: a driver killed
-        half-way through this is recovered by the next start)."""
-        trials = self.study.get_trials(deepcopy=False)
-        if not any(tt.user_attrs.get(RETRY_ATTR) == t.number for tt in trials):
-            marks = {RETRY_ATTR: t.number, KEY_ATTR: self.search_key}
-            self.study.enqueue_trial(dict(t.params), user_attrs=marks)
-        if t.state == TrialState.RUNNING:
-            # The public Trial API needs the live object of the process that asked; the storage takes ids.
-            self.storage.main.set_trial_user_attr(self._trial_id(t.number), REASON_ATTR, reason)
-            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-
-    def _recover(self) -> None:
-        """Fail and retry the trials of this search that a dead driver left RUNNING (and, with a heartbeat
-        storage, stale trials of any driver)."""
-        if self.storage.heartbeat is not None:
-            with quiet():
-                optuna.storages.fail_stale_trials(
-                    optuna.load_study(study_name=self.study_name, storage=self.storage.heartbeat))
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            ours = t.user_attrs.get(KEY_ATTR) == self.search_key
-            if ours and t.user_attrs.get(DRIVER_ATTR) != self.driver_id:
-                self._retry(t, f"driver {t.user_attrs.get(DRIVER_ATTR)} stopped before the trial ended "
-                               "(killed or crashed); retried as a new trial")
-                self.console.print(f"trial {t.number} was left running by a dead driver: failed and retried",
-                                   highlight=False)
-        if not self._infra_checked:
-            # Earlier versions failed trials whose workers were lost; such a loss is not the trial's result.
-            self._infra_checked = True
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-                if t.user_attrs.get(KEY_ATTR) == self.search_key and \
-                        is_infrastructure_reason(str(t.user_attrs.get(REASON_ATTR, ""))):
-                    self._retry(t, str(t.user_attrs.get(REASON_ATTR)))
-
-    def _on_stale(self, study: optuna.Study, t: FrozenTrial) -> None:
-        """Heartbeat-stale trial (already FAIL): enqueue its retry once."""
-        if not any(tt.user_attrs.get(RETRY_ATTR) == t.number for tt in study.get_trials(deepcopy=False)):
-            study.enqueue_trial(dict(t.params), user_attrs={RETRY_ATTR: t.number,
-                                                            "mfsweep.retry_reason": "heartbeat stale"})
-
-    def _trial_id(self, number: int) -> int:
-        return self.storage.main.get_trial_id_from_study_id_trial_number(self.study_id, number)
-
     def _heartbeat_thread(self) -> None:
         """Record heartbeats of this driver's running trials (RDB storages), so that other drivers sharing the
         study do not fail them as stale."""

@@ -22,15 +22,14 @@ from . import mlflow_view
 from .config import ScalingConfig, dump, load
 from .credentials import redact
 from .search_config import WIDTH, SearchConfig
-from .study import quiet
+from .study import RETRY_ATTR, quiet
 
 if TYPE_CHECKING:
     from .tracking import Tracker
 
-__all__ = ["FIDELITY_PREFIX", "PS_ATTR", "REEVAL_PREFIX", "RETRY_ATTR", "SearchReport", "budget_counts",
+__all__ = ["FIDELITY_PREFIX", "PS_ATTR", "REEVAL_PREFIX", "SearchReport", "budget_counts",
            "fidelity_key", "reeval_key", "reeval_seed", "top"]
 
-RETRY_ATTR = "mfsweep.retry_of"
 PS_ATTR = "particle_steps"
 FIDELITY_PREFIX = "mfsweep.fidelity"
 REEVAL_PREFIX = "mfsweep.reeval"

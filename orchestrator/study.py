@@ -1,5 +1,7 @@
 """The Optuna side of ``mfsweep search``: the search space (``suggest``), sampler, pruner and storage (a
-journal file in the output folder, or an RDB URL with a heartbeat handle)."""
+journal file in the output folder, or an RDB URL with a heartbeat handle), and :class:`TrialBook`: this
+driver's trials in a study other drivers may share (marked when asked; failed and retried once when a dead
+driver left them running)."""
 
 from __future__ import annotations
 
@@ -14,15 +16,27 @@ from typing import Any
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial, Trial
+from optuna.trial import FrozenTrial, Trial, TrialState
+from rich.console import Console
 
 from workers.engine import derive_seed
 
 from .credentials import PASSWORD_ENV, has_password, redact, storage_password
+from .pool import is_infrastructure_reason
 from .search_config import ParamConfig, SearchConfig
 
-__all__ = ["Storage", "StorageError", "make_pruner", "make_sampler", "open_storage",
-           "quiet", "suggest"]
+__all__ = ["DRIVER_ATTR", "KEY_ATTR", "REASON_ATTR", "RETRY_ATTR", "Storage", "StorageError", "TrialBook",
+           "make_pruner", "make_sampler", "on_stale", "open_storage", "quiet", "suggest"]
+
+KEY_ATTR = "mfsweep.search_key"
+"""Trial user attr: the search (output folder) the trial belongs to."""
+DRIVER_ATTR = "mfsweep.driver"
+"""Trial user attr: the driver process that asked it."""
+RETRY_ATTR = "mfsweep.retry_of"
+"""Trial user attr: the number of the trial this one retries."""
+REASON_ATTR = "mfsweep.reason"
+"""Trial user attr: why the trial ended as it did."""
+
 
 class StorageError(RuntimeError):
     """The Optuna storage cannot be used (one line naming the fix)."""
@@ -168,3 +182,74 @@ def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, F
                            f"(e.g. postgresql://user@host/db, with the password in {PASSWORD_ENV}, PGPASSWORD "
                            "or PGPASSFILE) or omit it for a journal file") from None
     return Storage(main, redact(url), heartbeat)
+
+
+def on_stale(study: optuna.Study, t: FrozenTrial) -> None:
+    """Heartbeat-stale trial (already FAIL): enqueue its retry once."""
+    if not any(tt.user_attrs.get(RETRY_ATTR) == t.number for tt in study.get_trials(deepcopy=False)):
+        study.enqueue_trial(dict(t.params), user_attrs={RETRY_ATTR: t.number,
+                                                        "mfsweep.retry_reason": "heartbeat stale"})
+
+
+@dataclass
+class TrialBook:
+    """This driver's trials in ``study``. Invariants: every trial it asks carries the search key and this
+    driver's id from the moment it exists; a trial of this search that a dead driver left RUNNING is failed
+    with a reason and retried exactly once with the same parameters."""
+
+    study: optuna.Study
+    storage: Storage
+    study_id: int
+    search_key: str
+    driver_id: str
+    console: Console
+    _infra_checked: bool = False
+
+    def ask(self) -> Trial:
+        """A RUNNING trial marked as this driver's. A plain ask() would leave a window in which a killed
+        driver leaves a RUNNING trial nobody can attribute; so the trial is enqueued with our marks first
+        and ask() pops the oldest WAITING trial (ours, or a retry, which carries the search key too)."""
+        if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            self.study.enqueue_trial({}, user_attrs={KEY_ATTR: self.search_key, DRIVER_ATTR: self.driver_id})
+        trial = self.study.ask()
+        trial.set_user_attr(KEY_ATTR, self.search_key)
+        trial.set_user_attr(DRIVER_ATTR, self.driver_id)
+        return trial
+
+    def trial_id(self, number: int) -> int:
+        """The storage's id of trial ``number`` (heartbeats and user attrs of trials not asked here)."""
+        return self.storage.main.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def retry(self, t: FrozenTrial, reason: str) -> None:
+        """Fail a trial that will never be told and enqueue its parameters once (idempotent: a driver killed
+        half-way through this is recovered by the next start)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if not any(tt.user_attrs.get(RETRY_ATTR) == t.number for tt in trials):
+            marks = {RETRY_ATTR: t.number, KEY_ATTR: self.search_key}
+            self.study.enqueue_trial(dict(t.params), user_attrs=marks)
+        if t.state == TrialState.RUNNING:
+            # The public Trial API needs the live object of the process that asked; the storage takes ids.
+            self.storage.main.set_trial_user_attr(self.trial_id(t.number), REASON_ATTR, reason)
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def recover(self) -> None:
+        """Fail and retry the trials of this search that a dead driver left RUNNING (and, with a heartbeat
+        storage, stale trials of any driver)."""
+        if self.storage.heartbeat is not None:
+            with quiet():
+                optuna.storages.fail_stale_trials(
+                    optuna.load_study(study_name=self.study.study_name, storage=self.storage.heartbeat))
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            ours = t.user_attrs.get(KEY_ATTR) == self.search_key
+            if ours and t.user_attrs.get(DRIVER_ATTR) != self.driver_id:
+                self.retry(t, f"driver {t.user_attrs.get(DRIVER_ATTR)} stopped before the trial ended "
+                              "(killed or crashed); retried as a new trial")
+                self.console.print(f"trial {t.number} was left running by a dead driver: failed and retried",
+                                   highlight=False)
+        if not self._infra_checked:
+            # Earlier versions failed trials whose workers were lost; such a loss is not the trial's result.
+            self._infra_checked = True
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+                if t.user_attrs.get(KEY_ATTR) == self.search_key and \
+                        is_infrastructure_reason(str(t.user_attrs.get(REASON_ATTR, ""))):
+                    self.retry(t, str(t.user_attrs.get(REASON_ATTR)))
