@@ -203,8 +203,8 @@ def _search(args: argparse.Namespace, console: Console) -> int:
 def _known_error(err: Exception) -> int | None:
     """Exit code of an error a driver module raises, looked up among the modules already loaded (importing
     them only to name their errors would load Ray and torch on every bad input)."""
-    codes = (("orchestrator.pool", "PoolError", EXIT_SERVICE), ("orchestrator.search", "StorageError", EXIT_SERVICE),
-             ("orchestrator.scaling", "Interrupted", EXIT_INTERRUPTED))
+    codes = (("orchestrator.pool", "PoolError", EXIT_SERVICE), ("orchestrator.study", "StorageError", EXIT_SERVICE),
+             ("orchestrator.driver", "Interrupted", EXIT_INTERRUPTED))
     for module, name, code in codes:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(err, cls):

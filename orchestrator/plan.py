@@ -1,7 +1,8 @@
-"""Planning: widths x seeds x variants -> networks -> packs sized to the workers' memory and balanced.
+"""Planning: config -> networks -> packs sized to the workers' memory and balanced (:func:`plan`, the one
+packing function of both ``mfsweep scaling`` and ``mfsweep search``).
 
-Networks of variants whose pack-level settings (task, unit, dynamics schedule) agree share packs; their
-per-network settings (dt, parametrization, temperature, birth-death rate and scheme) ride along as vectors.
+Networks whose pack-level settings (task, unit, dynamics schedule, numerics: :func:`pack_key`) agree share
+packs; their per-network settings (:data:`PER_NETWORK`) ride along as vectors.
 """
 
 from __future__ import annotations
@@ -11,12 +12,45 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from workers.engine import Algorithm, NetworkSpec, TaskKind, Unit, derive_seed, from_dict, to_dict, traits
 from workers.jobs import PackJob
 
-from .config import ConfigError, ScalingConfig
+from .config import ConfigError, ExecutionConfig, ScalingConfig
+
+#: A network's own settings, declared once: NetworkSpec field <- the config path it is read from. Networks
+#: that differ only in these share a pack (the engine holds them as per-network vectors); every network's
+#: spec (:func:`network_spec`) and MLflow params (:func:`network_settings`) are derived from this table.
+#: To add a per-network hyperparameter: a field of NetworkSpec (workers/engine/specs.py) used by the
+#: engine's group vectors (workers/engine/pack.py), and its line here.
+PER_NETWORK: dict[str, str] = {
+    "lr": "dynamics.lr",
+    "parametrization": "model.parametrization",
+    "temperature": "dynamics.temperature",
+    "bd_rate": "dynamics.birth_death.rate",
+    "bd_scheme": "dynamics.birth_death.scheme",
+}
+#: NetworkSpec fields that name a network rather than configure it (set by the planner).
+IDENTITY = ("net_id", "width", "seed")
+
+
+def _at(cfg: ScalingConfig, path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def network_settings(vcfg: ScalingConfig) -> dict[str, Any]:
+    """The per-network settings ``vcfg`` gives its networks (plain JSON values, e.g. for MLflow params)."""
+    return {name: to_dict(_at(vcfg, path)) for name, path in PER_NETWORK.items()}
+
+
+def network_spec(vcfg: ScalingConfig, net_id: int, width: int, seed: int) -> NetworkSpec:
+    """A network of ``vcfg`` (its per-network settings) of ``width``, its own stream seeded by ``seed``."""
+    return NetworkSpec(net_id=net_id, width=width, seed=seed,
+                       **{name: _at(vcfg, path) for name, path in PER_NETWORK.items()})
 
 
 @dataclass(frozen=True)
@@ -36,14 +70,9 @@ def plan_networks(cfg: ScalingConfig) -> list[NetworkPlan]:
     replicate) only, so variants and widths are paired (same seeds) for fair comparisons."""
     out: list[NetworkPlan] = []
     for name, vcfg in cfg.variant_configs():
-        dyn, bd = vcfg.dynamics, vcfg.dynamics.birth_death
         for width in cfg.sweep.widths:
             for rep in range(cfg.sweep.seeds):
-                spec = NetworkSpec(
-                    net_id=len(out), width=width, seed=derive_seed(cfg.sweep.seed, rep), lr=dyn.lr,
-                    parametrization=vcfg.model.parametrization, temperature=dyn.temperature,
-                    bd_rate=bd.rate, bd_scheme=bd.scheme,
-                )
+                spec = network_spec(vcfg, len(out), width, derive_seed(cfg.sweep.seed, rep))
                 out.append(NetworkPlan(len(out), name, rep, spec, f"{name}/w{width:05d}/s{rep:02d}"))
     return out
 
@@ -130,45 +159,82 @@ def check_fits(cfg: ScalingConfig, memory_bytes: int, widths: Sequence[int],
                     "raise execution.memory_fraction")
 
 
-def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers: int, memory_bytes: int,
-               checkpoint_dir: Path | None, skip: set[int] | frozenset[int] = frozenset()) -> list[PackJob]:
-    """Packs of the networks not in ``skip``, each within ``memory_fraction`` of ``memory_bytes``, at least
-    ``n_workers`` of them when there are enough networks, balanced by cost (longest-processing-time first)."""
-    variants = dict(cfg.variant_configs())
-    groups: dict[str, list[NetworkPlan]] = {}
-    for net in networks:
-        if net.net_id not in skip:
-            groups.setdefault(pack_key(variants[net.variant]), []).append(net)
-    budget = memory_bytes * cfg.execution.memory_fraction
+@dataclass(frozen=True)
+class Packing:
+    """What :func:`plan` made of a set of networks."""
+
+    jobs: list[PackJob]
+    """The packs, longest first."""
+    too_wide: list[tuple[NetworkSpec, str]]
+    """Networks that alone exceed what a worker may use, with the reason (in no pack)."""
+
+
+def plan(networks: Sequence[tuple[ScalingConfig, NetworkSpec]], *, n_workers: int, memory_bytes: int,
+         execution: ExecutionConfig, data_seed: int, pack_id: Callable[[int], str],
+         checkpoint_dir: Path | None = None) -> Packing:
+    """Packs of ``networks`` (each with the resolved config it belongs to): networks with the same
+    :func:`pack_key` share packs, each pack within ``execution.memory_fraction`` of ``memory_bytes`` and
+    ``execution.max_networks_per_pack``, at least ``n_workers`` packs in all when there are enough networks,
+    balanced by cost (longest-processing-time first). A pack runs with its configs' numerics (dtype, kernel,
+    precision: part of the pack key) and ``execution``'s pool settings; ``pack_id(i)`` names the i-th pack."""
+    groups: dict[str, list[tuple[ScalingConfig, NetworkSpec]]] = {}
+    for vcfg, spec in networks:
+        groups.setdefault(pack_key(vcfg), []).append((vcfg, spec))
+    budget = memory_bytes * execution.memory_fraction
+    limit = execution.max_networks_per_pack
     jobs: list[PackJob] = []
-    for nets in groups.values():
-        vcfg = variants[nets[0].variant]
+    too_wide: list[tuple[NetworkSpec, str]] = []
+    for members in groups.values():
+        vcfg = members[0][0]
         task_spec, model, dyn = vcfg.task.spec(), vcfg.model.spec(), vcfg.dynamics.spec()
         batch = _exact_and_batch(vcfg)[1]
         mem = pack_memory(vcfg)
-        check_fits(cfg, memory_bytes, [n.spec.width for n in nets], mem)
-        limit = cfg.execution.max_networks_per_pack
-        share = max(1, round(n_workers * len(nets) / max(1, len(networks) - len(skip))))
-        n_bins = min(len(nets), max(share, math.ceil(len(nets) / cfg.execution.max_networks_per_pack)))
-        def cost(p: NetworkPlan, _b: int = batch) -> float:
-            return _network_cost(p.spec, _b)
+        fitting: list[NetworkSpec] = []
+        for _, spec in members:
+            need = mem([spec.width])
+            if need > budget:
+                too_wide.append((spec, f"width {spec.width} needs ~{need / 2**30:.1f} GiB, more than the "
+                                       f"{budget / 2**30:.1f} GiB a worker may use"))
+            else:
+                fitting.append(spec)
+        if not fitting:
+            continue
+        share = max(1, round(n_workers * len(fitting) / max(1, len(networks))))
+        n_bins = min(len(fitting), max(share, math.ceil(len(fitting) / limit)))
 
-        def fits(b: list[NetworkPlan], _m: Callable[[Sequence[int]], int] = mem, _l: int = limit) -> bool:
-            return _m([p.spec.width for p in b]) <= budget and len(b) <= _l
+        def cost(sp: NetworkSpec, _b: int = batch) -> float:
+            return _network_cost(sp, _b)
 
-        for b in balance(nets, cost, n_bins, fits):
-            pack_id = f"p{len(jobs):04d}"
+        def fits(b: list[NetworkSpec], _m: Callable[[Sequence[int]], int] = mem) -> bool:
+            return _m([sp.width for sp in b]) <= budget and len(b) <= limit
+
+        for b in balance(fitting, cost, n_bins, fits):
+            pid = pack_id(len(jobs))
             jobs.append(PackJob(
-                pack_id=pack_id, task=task_spec, model=model, dynamics=dyn,
-                networks=tuple(sorted((p.spec for p in b), key=lambda s: s.net_id)),
-                # The variant's numerics (the pack key groups by them), the sweep's pool settings.
-                data_seed=cfg.sweep.seed, dtype=vcfg.execution.dtype, kernel=vcfg.execution.kernel,
-                precision=vcfg.execution.precision,
-                checkpoint=str(checkpoint_dir / f"{pack_id}.pt") if checkpoint_dir else None,
-                checkpoint_every=cfg.execution.checkpoint_every,
+                pack_id=pid, task=task_spec, model=model, dynamics=dyn,
+                networks=tuple(sorted(b, key=lambda s: s.net_id)), data_seed=data_seed,
+                # The configs' numerics (the pack key groups by them), the run's pool settings.
+                dtype=vcfg.execution.dtype, kernel=vcfg.execution.kernel, precision=vcfg.execution.precision,
+                checkpoint=str(checkpoint_dir / f"{pid}.pt") if checkpoint_dir else None,
+                checkpoint_every=execution.checkpoint_every,
             ))
     jobs.sort(key=lambda j: -j.cost)  # longest first: better balance on the pool
-    return jobs
+    return Packing(jobs, too_wide)
+
+
+def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers: int, memory_bytes: int,
+               checkpoint_dir: Path | None, skip: set[int] | frozenset[int] = frozenset()) -> list[PackJob]:
+    """A sweep's packs (:func:`plan`) of its networks not in ``skip``; a network too wide for a worker is a
+    ConfigError (one line naming the fix)."""
+    variants = dict(cfg.variant_configs())
+    todo = [(variants[n.variant], n.spec) for n in networks if n.net_id not in skip]
+    by_key: dict[str, list[tuple[ScalingConfig, NetworkSpec]]] = {}
+    for vcfg, spec in todo:
+        by_key.setdefault(pack_key(vcfg), []).append((vcfg, spec))
+    for members in by_key.values():
+        check_fits(cfg, memory_bytes, [sp.width for _, sp in members], pack_memory(members[0][0]))
+    return plan(todo, n_workers=n_workers, memory_bytes=memory_bytes, execution=cfg.execution,
+                data_seed=cfg.sweep.seed, pack_id=lambda i: f"p{i:04d}", checkpoint_dir=checkpoint_dir).jobs
 
 
 def save_jobs(jobs: Sequence[PackJob], path: Path) -> None:

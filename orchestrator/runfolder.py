@@ -1,4 +1,5 @@
-"""One driver per output folder, for every command (scaling, search, resume).
+"""The output folder of a run, for every command (scaling, search, resume): :class:`RunFolder` (its lock,
+its ``state.json`` with passwords stripped, its resolved config) and one driver per folder.
 
 The lock is ``<out>/driver.lock``, taken before anything else in the folder is written:
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .config import ConfigError
+from .credentials import strip_password
 
 log = logging.getLogger(__name__)
 
@@ -145,4 +147,43 @@ def hold(out: Path, command: str) -> Iterator[None]:
         fh.close()
 
 
-__all__ = ["LEASE_S", "LOCK_NAME", "FolderBusy", "hold"]
+class RunFolder:
+    """An output folder as every driver uses it: ``hold`` it first (one driver at a time), then write its
+    state (what a resume needs: keys, study, where MLflow and Optuna live) and its resolved config."""
+
+    STATE = "state.json"
+    #: State entries that are URLs: stored without their password (it comes from the environment again).
+    URL_KEYS = ("tracking_uri", "storage")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def state(self) -> dict[str, Any]:
+        """The stored state ({} for a new folder)."""
+        p = self.path / self.STATE
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def default_tracking_uri(self) -> str:
+        """MLflow in a SQLite file inside the folder (absolute: the driver may change directory)."""
+        return f"sqlite:///{(self.path / 'mlflow.db').resolve()}"
+
+    def hold(self, command: str) -> contextlib.AbstractContextManager[None]:
+        return hold(self.path, command)
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        """``state.json``, URL entries password-free (a held folder: only its driver writes here)."""
+        clean = {k: strip_password(v) if k in self.URL_KEYS and isinstance(v, str) else v
+                 for k, v in state.items()}
+        (self.path / self.STATE).write_text(json.dumps(clean, indent=1))
+
+    def write_config(self, name: str, text: str) -> Path:
+        """The resolved config the run uses (what ``mfsweep resume`` reads back)."""
+        path = self.path / name
+        path.write_text(text)
+        return path
+
+
+__all__ = ["LEASE_S", "LOCK_NAME", "FolderBusy", "RunFolder", "hold"]

@@ -1,5 +1,9 @@
 """The main job: an error-vs-width sweep on a worker pool, tracked in MLflow, fitted and plotted.
 
+The sweep's policy on the shared driver core: what to run next (every network of the plan not yet settled,
+packed by :func:`plan.plan_packs`) and what a network's end means (a line of results.jsonl: the ledger,
+:mod:`.ledger`, hands it over); the fits, plots and summary are in :mod:`.scaling_report`.
+
 Output folder layout (everything a resume needs):
     config.yaml     the resolved config            plan.json      the packs (stable across resumes)
     state.json      sweep key, tracking URI        results.jsonl  one line per network that ended
@@ -9,170 +13,46 @@ Output folder layout (everything a resume needs):
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import platform
-import signal
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import Progress
 
-from workers.engine import NetMetrics, NetStatus, Report, Retired
+from workers.engine import NetMetrics, NetStatus, Retired
 from workers.jobs import PackEvent, PackJob
-from workers.reportlog import read_events
 
-from . import analysis, mlflow_view, runfolder
+from . import mlflow_view
 from .config import ScalingConfig, dump
-from .credentials import redact, strip_password
-from .plan import NetworkPlan, load_jobs, plan_networks, plan_packs, save_jobs
+from .credentials import redact
+from .driver import Interrupted, close_tracker, open_pool, progress_bar, run_tags
+from .ledger import Ledger, NetworkResult, ResultsFile, read_results
+from .plan import NetworkPlan, load_jobs, network_settings, plan_networks, plan_packs, save_jobs
 from .pool import (
     JobFailure,
     Pool,
     PoolError,
     WorkersLost,
     close_in_background,
-    is_infrastructure_reason,
-    make_pool,
-    open_beside,
 )
-from .userdata import DataShipper, modules_for_workers
+from .runfolder import RunFolder
+from .runmeta import flatten, stop_on_signals
+from .scaling_report import ScalingReport
+from .userdata import DataShipper
 
-
-@dataclass(frozen=True)
-class NetworkResult:
-    """How one network ended (one line of results.jsonl)."""
-
-    net_id: int
-    key: str
-    variant: str
-    width: int
-    replicate: int
-    status: str
-    final_test_loss: float | None
-    """The last test loss."""
-    step: int
-    """The step the network stopped at (converged, capped, diverged, pruned)."""
-    reason: str
-    wall_s: float
-    final_loss_mean: float | None = None
-    """Mean test loss over the final window: the network's result."""
-    final_loss_se: float | None = None
-    """Its standard error (serial correlation of the reports accounted for)."""
-    converged: bool | None = None
-    """The plateau test passed over the final window (None: recorded by an older version)."""
-    final_slope: float | None = None
-    """d log L / d log t over the final window."""
-    cap: int | None = None
-    """dynamics.steps when this was recorded (a sweep extended to more steps records again)."""
-
-    @property
-    def result_loss(self) -> float | None:
-        return self.final_loss_mean if self.final_loss_mean is not None else self.final_test_loss
-
-    def settled(self, steps: int) -> bool:
-        """Nothing left to train for a cap of ``steps``: it stopped for good (diverged, failed, pruned,
-        converged) or already trained that far."""
-        return (self.status != NetStatus.FINISHED.value or bool(self.converged) or self.cap is None
-                or self.cap >= steps)
+__all__ = ["Interrupted", "NetworkResult", "ScalingSweep", "default_out", "read_results"]
 
 
 #: Config keys that ``mfsweep resume --set dynamics.steps=N`` changes (the quench grows with the cap).
 _EXTENSION_KEYS = ("dynamics.steps", "dynamics.birth_death.quench", "sweep.variants")
 
 
-def _point_json(r: NetworkResult) -> dict[str, Any]:
-    """A network's line in summary.json: its result (the final-window mean), how sure, and whether converged."""
-    return {"width": r.width, "seed": r.replicate, "test_loss": r.result_loss, "test_loss_se": r.final_loss_se,
-            "converged": r.converged, "stop_step": r.step, "final_slope": r.final_slope,
-            "last_test_loss": r.final_test_loss, "status": r.status}
-
-
-class Interrupted(RuntimeError):
-    """The sweep was stopped (Ctrl-C / SIGTERM) before it finished; it can be resumed."""
-
-
 def default_out(cfg: ScalingConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              check=True).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def _versions() -> dict[str, str]:
-    # Versions from package metadata: importing mlflow/optuna here would break the module boundaries.
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "ray", "optuna", "mlflow", "mfsweep"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "none"
-    return out
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
-    return out
-
-
-def read_results(path: Path) -> dict[int, NetworkResult]:
-    """Results already recorded: per network the record of the largest cap (the sweep may have been
-    extended), the first of equal caps (replays never record twice); a torn last line is ignored. A network
-    that an earlier version failed because its workers were lost is not a result: it is trained again."""
-    out: dict[int, NetworkResult] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = NetworkResult(**json.loads(line))
-        except (json.JSONDecodeError, TypeError):
-            continue
-        if rec.status == NetStatus.FAILED.value and is_infrastructure_reason(rec.reason):
-            continue
-        old = out.get(rec.net_id)
-        if old is None or (rec.cap or -1) > (old.cap or -1):
-            out[rec.net_id] = rec
-    return out
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C / SIGTERM set ``stop`` (the pool winds down and everything recorded so far is kept)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 class ScalingSweep:
@@ -186,10 +66,9 @@ class ScalingSweep:
         self.address = address
         self.console = console or Console(stderr=True)
         self.show_progress = progress
-        state_path = out / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
-        default_uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        self.tracking_uri = tracking_uri or state.get("tracking_uri") or default_uri
+        self.folder = RunFolder(out)
+        state = self.folder.state()
+        self.tracking_uri = tracking_uri or state.get("tracking_uri") or self.folder.default_tracking_uri()
         self.sweep_key = state.get("sweep_key") or uuid.uuid4().hex
         self.networks = plan_networks(cfg)
         self.by_id: dict[int, NetworkPlan] = {n.net_id: n for n in self.networks}
@@ -197,9 +76,9 @@ class ScalingSweep:
         self.cap = {name: v.dynamics.steps for name, v in self.variants}
         """Step cap per variant (each network's dynamics.steps)."""
         self.results_path = out / "results.jsonl"
-        self.results = read_results(self.results_path)
+        self.results_file = ResultsFile(self.results_path)
+        self.results = self.results_file.read()
         self._settled_count: int | None = None
-        self.last_step: dict[int, int] = {}
         self._wait_said: float | None = None
         self.curves: dict[int, list[tuple[int, float]]] = {}
         self.child: dict[int, str] = {}
@@ -213,11 +92,9 @@ class ScalingSweep:
             sp = net.spec
             params = {
                 "variant": net.variant, "width": sp.width, "replicate": net.replicate, "net_id": net_id,
-                "unit": v.model.unit.value, "parametrization": sp.parametrization.value,
-                "algorithm": v.dynamics.algorithm.value, "lr": sp.lr,
-                "batch_size": v.dynamics.batch_size, "temperature": sp.temperature,
-                "bd_rate": sp.bd_rate, "bd_scheme": sp.bd_scheme.value, "task": v.task.kind.value,
-                "dim": v.task.dim,
+                "unit": v.model.unit.value, "algorithm": v.dynamics.algorithm.value,
+                "batch_size": v.dynamics.batch_size, "task": v.task.kind.value, "dim": v.task.dim,
+                **network_settings(v),
             }
             if v.task.content_hash:
                 params["content_hash"] = v.task.content_hash
@@ -238,25 +115,16 @@ class ScalingSweep:
             self._settled_count = sum(1 for n in self.results if self._settled(n))
         return self._settled_count
 
-    def _on_event(self, ev: PackEvent) -> None:
-        rep = ev.report
-        for m in rep.metrics:
-            self._log_point(m, rep)
-        for r in rep.retired:
-            self._record(r, ev.wall_s)
+    # ------------------------------------------------------------------ the ledger's policy
+    def run_of(self, net_id: int) -> str:
+        return self._child(net_id)
 
-    def _log_point(self, m: NetMetrics, rep: Report) -> None:
-        prev = self.last_step.get(m.net_id, -1)
-        if m.step <= prev:
-            return  # seen: trained again past a checkpoint after a worker restart, or re-sent from a report log
-        width = self.by_id[m.net_id].spec.width
-        self._advance(width * (m.step - max(prev, 0)))
-        self.last_step[m.net_id] = m.step
-        # The tracker drops steps MLflow already has, so a report log re-sent on resume never logs twice.
-        self.tracker.log_metrics(self._child(m.net_id), rep.values(m), m.step)
+    def on_point(self, ev: PackEvent, m: NetMetrics, prev_step: int) -> None:
+        self._advance(self.by_id[m.net_id].spec.width * (m.step - max(prev_step, 0)))
         self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
 
-    def _record(self, r: Retired, wall: float) -> None:
+    def on_end(self, r: Retired, ev: PackEvent) -> None:
+        """Record a network's end in results.jsonl, once per cap."""
         old = self.results.get(r.net_id)
         if old is not None and (self._settled(r.net_id) or r.step <= old.step):
             return  # recorded already (re-sent from a report log, or the old cap's record of an extended run)
@@ -269,26 +137,23 @@ class ScalingSweep:
             cap = min(cap, r.step)
         res = NetworkResult(
             r.net_id, net.key, net.variant, net.spec.width, net.replicate, r.status.value, r.final_test_loss,
-            r.step, r.reason, round(wall, 3),
+            r.step, r.reason, round(ev.wall_s, 3),
             final_loss_mean=None if est is None else est.mean, final_loss_se=None if est is None else est.se,
             converged=None if est is None else est.converged, final_slope=None if est is None else est.slope,
             cap=cap)
         self._write(res)
         # Early stops (converged, diverged, pruned) complete their share of the progress bar.
         cap = self.cap[net.variant]
-        self._advance(net.spec.width * max(0, cap - max(r.step, self.last_step.get(r.net_id, 0))))
+        self._advance(net.spec.width * max(0, cap - max(r.step, self.ledger.step_of(r.net_id))))
 
     def _fail(self, net_id: int, reason: str) -> None:
         net = self.by_id[net_id]
         self._write(NetworkResult(net_id, net.key, net.variant, net.spec.width, net.replicate,
-                                  NetStatus.FAILED.value, None, self.last_step.get(net_id, 0), reason, 0.0,
+                                  NetStatus.FAILED.value, None, self.ledger.step_of(net_id), reason, 0.0,
                                   cap=self.cap[net.variant]))
 
     def _write(self, res: NetworkResult) -> None:
-        with self.results_path.open("a") as fh:  # append + fsync: a finished network is never lost
-            fh.write(json.dumps(asdict(res)) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self.results_file.append(res)  # durable before anything else hears of it
         before = self._settled(res.net_id)
         self.results[res.net_id] = res
         if self._settled_count is not None and self._settled(res.net_id) and not before:
@@ -298,29 +163,25 @@ class ScalingSweep:
 
     def _finalize_run(self, res: NetworkResult) -> None:
         """Final metrics, tags and status of a network's child run (idempotent)."""
-        run = self._child(res.net_id)
         final = {"wall_time_s": res.wall_s, "final_step": float(res.step), "stop_step": float(res.step)}
         for key in ("final_test_loss", "final_loss_mean", "final_loss_se", "final_slope"):
             value = getattr(res, key)
             if value is not None:
                 final[key] = value
-        self.tracker.log_metrics(run, final, res.step)
         tags = {"mfsweep.status": res.status, "mfsweep.reason": res.reason[:500]}
         if res.converged is not None:
             tags["mfsweep.converged"] = str(res.converged).lower()
-        self.tracker.set_tags(run, tags)
-        self.tracker.end_run(run, "FINISHED" if res.status == NetStatus.FINISHED.value else "FAILED")
+        self.ledger.close_run(self._child(res.net_id), final, res.step, tags,
+                              "FINISHED" if res.status == NetStatus.FINISHED.value else "FAILED")
 
     def _reconcile(self, jobs: list[PackJob]) -> None:
         """On resume, before any pack runs again: re-send every pack's report log (reports and network ends
         an earlier driver may have received but not recorded before it died), then finalize the runs of
         packs that are done. Points MLflow already holds are dropped by the tracker, results already in
-        results.jsonl by :meth:`_record`; the packs that run again continue from their checkpoints without
+        results.jsonl by :meth:`on_end`; the packs that run again continue from their checkpoints without
         replaying anything."""
         for job in jobs:
-            if job.checkpoint:
-                for ev in read_events(job.checkpoint, job.pack_id):
-                    self._on_event(ev)
+            self.ledger.replay(job)
             if all(self._settled(sp.net_id) for sp in job.networks):
                 for sp in job.networks:
                     self._finalize_run(self.results[sp.net_id])
@@ -359,26 +220,22 @@ class ScalingSweep:
         cfg = self.cfg
         self.tracker = Tracker(self.tracking_uri, cfg.name,
                                experiment_tags={mlflow_view.NOTE_TAG: mlflow_view.SCALING_EXPERIMENT_NOTE})
-        params = _flatten(cfg.model_dump(mode="json"))
+        self.ledger = Ledger(self.tracker, self)
+        params = flatten(cfg.model_dump(mode="json"))
         # What extending a sweep changes goes into tags (MLflow params never change).
         moving = {f"config.{k}": str(params.pop(k)) for k in _EXTENSION_KEYS if k in params}
         self.parent = self.tracker.start_parent(
             mlflow_view.parent_run_name(cfg.name, "sweep"), params,
-            {**moving, "mfsweep.sweep_key": self.sweep_key, "mfsweep.kind": "scaling",
-             "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
-             "mfsweep.driver_host": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
-             **{f"version.{k}": v for k, v in _versions().items()}})
+            {**moving, **run_tags("scaling", self.sweep_key, self.out)})
         self.tracker.log_artifact(self.parent, self.out / "config.yaml")
 
     def run(self) -> dict[str, Any]:
         """Hold the output folder (one driver at a time), write its state, run the sweep."""
-        with runfolder.hold(self.out, "mfsweep scaling"):
-            # A URL's password is never stored: it comes from the environment on resume.
-            (self.out / "state.json").write_text(json.dumps({
-                "sweep_key": self.sweep_key, "tracking_uri": strip_password(self.tracking_uri),
-                "name": self.cfg.name}, indent=1))
-            (self.out / "config.yaml").write_text(dump(self.cfg))
-            self.results = read_results(self.results_path)  # as of now that the folder is ours
+        with self.folder.hold("mfsweep scaling"):
+            self.folder.write_state({"sweep_key": self.sweep_key, "tracking_uri": self.tracking_uri,
+                                     "name": self.cfg.name})
+            self.folder.write_config("config.yaml", dump(self.cfg))
+            self.results = self.results_file.read()  # as of now that the folder is ours
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -393,11 +250,7 @@ class ScalingSweep:
         closer: threading.Thread | None = None
         try:
             if todo:
-                code = modules_for_workers(v.task for _, v in self.variants)
-                pool = open_beside(lambda: make_pool(
-                    ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                    cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, max_workers=ex.max_workers,
-                    wait_for_workers_s=ex.wait_for_workers_s, py_modules=code), self._open_tracking)
+                pool = open_pool(ex, self.address, (v.task for _, v in self.variants), self._open_tracking)
             else:
                 self._open_tracking()
             if plan_path.exists():  # a resume
@@ -424,17 +277,13 @@ class ScalingSweep:
                     "mfsweep.worker_device_names": ", ".join(sorted({w.device for w in pool.workers}))})
                 total = float(sum(self.by_id[sp.net_id].spec.width * j.dynamics.steps
                                   for j in jobs for sp in j.networks if not self._settled(sp.net_id)))
-                progress = Progress(
-                    TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    TextColumn("{task.fields[networks]} networks"), TextColumn("{task.percentage:>3.0f}%"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=self.console, disable=not self.show_progress, transient=False)
-                with progress, _stop_on_signals(stop):
+                progress = progress_bar(self.console, self.show_progress, "networks")
+                with progress, stop_on_signals(stop):
                     self._progress = progress
                     self._task_id = progress.add_task(
                         "training", total=total, networks=f"{self._n_settled()}/{len(self.networks)}")
                     try:
-                        failures = pool.run(jobs, self._on_event, stop, on_wait=self._on_wait)
+                        failures = pool.run(jobs, self.ledger.on_event, stop, on_wait=self._on_wait)
                     except WorkersLost as err:
                         self.tracker.flush()
                         raise PoolError(f"{err}; resume with: mfsweep resume {self.out}") from None
@@ -456,122 +305,10 @@ class ScalingSweep:
                 pool.close()
             if closer is not None:
                 closer.join(timeout=60)
-            tracker = getattr(self, "tracker", None)
-            if tracker is not None:
-                try:
-                    tracker.close()
-                except Exception as err:  # report, but keep the primary error if any
-                    self.console.print(f"[red]MLflow: {err}[/]")
+            close_tracker(getattr(self, "tracker", None), self.console)
         return summary
 
     # ------------------------------------------------------------------ analysis
     def _finish(self) -> dict[str, Any]:
-        analyses: dict[str, analysis.VariantAnalysis] = {}
-        out_variants = []
-        for name, _ in self.variants:
-            recs = [r for r in sorted(self.results.values(), key=lambda r: r.net_id) if r.variant == name]
-            pts = [analysis.Point(r.width, r.replicate, r.result_loss, r.status, se=r.final_loss_se,
-                                  converged=r.converged) for r in recs]
-            a = analyses[name] = analysis.analyse(pts, seed=self.cfg.sweep.seed)
-            law = a.power  # the exponent is the converged points' fit: the long-time law or nothing
-            out_variants.append({
-                "name": name,
-                "exponent": law.exponent if law else None,
-                "exponent_ci95": list(law.exponent_ci95) if law else None,
-                "prefactor": law.prefactor if law else None,
-                "r2": law.r2 if law else None,
-                **a.to_json(),
-                "points": [_point_json(r) for r in recs],
-            })
-            self.tracker.log_metrics(self.parent, _parent_metrics(name, a), 0)
-            self.tracker.set_tags(self.parent, {f"mfsweep.regime.{name}": a.regime or "none",
-                                                f"mfsweep.verdict.{name}": a.verdict()[:500]})
-        mlflow_view.log_loss_vs_width(self.tracker, self.parent, {n: a.points for n, a in analyses.items()})
-        mlflow_view.describe(self.tracker, self.parent, mlflow_view.result_paragraph(
-            self.cfg.name, self.cfg.sweep.widths, self.cfg.sweep.seeds, analyses))
-        summary = {
-            "sweep": self.cfg.name,
-            "variants": out_variants,
-            "mlflow": {"tracking_uri": redact(self.tracking_uri), "experiment_id": self.tracker.experiment_id,
-                       "parent_run_id": self.parent},
-        }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
-        artifacts = [self.out / "summary.json"]
-        if any(a.n_points for a in analyses.values()):
-            artifacts.append(analysis.plot_scaling(analyses, self.out / "scaling.png",
-                                                   f"{self.cfg.name}: test loss vs width"))
-        curves = self._mean_curves()
-        if curves:
-            title = f"{self.cfg.name}: test loss (mean over seeds; a stopped network at its last value)"
-            artifacts.append(analysis.plot_curves(curves, self.out / "curves.png", title))
-        self.tracker.flush()
-        for path in artifacts:
-            self.tracker.log_artifact(self.parent, path)
-        self.tracker.end_run(self.parent, "FINISHED")
-        self._print_table(analyses)
-        return summary
-
-    def _mean_curves(self) -> dict[str, list[tuple[int, float]]]:
-        """Seed-averaged test-loss curve per (variant, width) from this session's reports (a network that
-        stopped counts at its last value: see analysis.seed_mean_curve)."""
-        acc: dict[str, list[list[tuple[int, float]]]] = {}
-        for nid, pts in self.curves.items():
-            net = self.by_id[nid]
-            acc.setdefault(f"{net.variant} n={net.spec.width}", []).append(pts)
-        return {k: analysis.seed_mean_curve(v) for k, v in acc.items()}
-
-    def _print_table(self, analyses: dict[str, analysis.VariantAnalysis]) -> None:
-        """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits, then
-        what they mean in words, and how to continue a sweep whose points have not converged."""
-        table = Table(title=f"{self.cfg.name}: test loss by width",
-                      caption="mean over seeds of each network's final-window mean; (k/m conv.): converged "
-                              "networks of m. exponent: loss ~ width^exponent on converged points (theory: -1 "
-                              "at long times)")
-        table.add_column("width", justify="right")
-        for name in analyses:
-            table.add_column(name, justify="right")
-        for w in self.cfg.sweep.widths:
-            row = [str(w)]
-            for a in analyses.values():
-                pts = [p for p in a.points if p.width == w]
-                vals = [p.test_loss for p in pts if p.status == "finished" and p.test_loss is not None]
-                conv = sum(1 for p in pts if p.converged)
-                bad = sum(1 for p in pts if p.status != "finished")
-                cell = f"{sum(vals) / len(vals):.3g} ({conv}/{len(pts)} conv.)" if vals else "-"
-                row.append(cell + (f" ({bad} not finished)" if bad else ""))
-            table.add_row(*row)
-        table.add_section()
-        table.add_row("exponent", *[_fit_cell(a.power) for a in analyses.values()])
-        table.add_row("all points", *[_fit_cell(a.power_all) for a in analyses.values()])
-        table.add_row("regime", *[a.regime or "-" for a in analyses.values()])
-        console = Console()
-        console.print(table)
-        for name, a in analyses.items():
-            console.print(f"[bold]{name}[/]: {a.verdict()}", soft_wrap=True, highlight=False)
-        n = sum(a.n_points for a in analyses.values())
-        conv = sum(a.n_converged for a in analyses.values())
-        if n and conv < n / 2:
-            steps = max(self.cap.values()) * 4
-            console.print(f"[yellow]{n - conv} of {n} networks have not converged, so the exponents above are not "
-                          f"the long-time law; continue the sweep with: mfsweep resume {self.out} "
-                          f"--set dynamics.steps={steps}[/]", soft_wrap=True, highlight=False)
-
-
-def _fit_cell(fit: analysis.Fit | None) -> str:
-    if fit is None:
-        return "-"
-    lo, hi = fit.exponent_ci95
-    return f"{fit.exponent:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-
-
-def _parent_metrics(name: str, a: analysis.VariantAnalysis) -> dict[str, float]:
-    """The parent run's per-variant numbers (MLflow metrics hold no None)."""
-    out = {f"{name}.n_points": float(a.n_points), f"{name}.n_converged": float(a.n_converged)}
-    for prefix, fit in ((name, a.power), (f"{name}.all_points", a.power_all)):
-        if fit is not None:
-            out.update({f"{prefix}.exponent": fit.exponent, f"{prefix}.exponent_ci95_lo": fit.exponent_ci95[0],
-                        f"{prefix}.exponent_ci95_hi": fit.exponent_ci95[1], f"{prefix}.prefactor": fit.prefactor,
-                        f"{prefix}.r2": fit.r2})
-    if a.floor is not None:
-        out.update({f"{name}.floor.alpha": a.floor.alpha, f"{name}.floor.l_inf": a.floor.l_inf})
-    return {k: v for k, v in out.items() if math.isfinite(v)}
+        return ScalingReport(self.cfg, self.out, self.tracker, self.parent, self.tracking_uri, self.results,
+                             self.variants, self.by_id, self.curves, self.cap).finish()

@@ -1,6 +1,8 @@
 """``mfsweep search``: Optuna search over architectures and dynamics, trained packed on the worker pool.
 
-This is the only module of the project that imports optuna.
+The search's policy on the shared driver core: what to run next (trials asked from the study, packed by
+:func:`plan.plan`) and what a network's end means (the trial is told: the ledger, :mod:`.ledger`, hands it
+over). The study's space, sampler, pruner and storage are in :mod:`.study`.
 
 Execution (asynchronous ask/tell): every worker trains a pack of ``ceil(search.parallel / workers)`` trials;
 each trial's parameters are applied to the base config, compatible networks share a pack (same pack key:
@@ -39,213 +41,78 @@ import contextlib
 import json
 import math
 import os
-import re
-import statistics
 import threading
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.exceptions import ExperimentalWarning
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import Progress
 
-from workers.engine import NetStatus, NetworkSpec, Retired, derive_seed, estimate_pack_bytes, make_task
-from workers.engine import uses_exact_energy as _uses_exact
+from workers.engine import NetMetrics, NetStatus, NetworkSpec, Retired, derive_seed
 from workers.jobs import PackEvent, PackJob
 
-from . import mlflow_view, runfolder
-from .config import ConfigError, ScalingConfig, dump, load
-from .credentials import PASSWORD_ENV, has_password, redact, storage_password, strip_password
-from .plan import balance, pack_key
+from . import mlflow_view
+from .config import ConfigError, ScalingConfig, dump
+from .credentials import PASSWORD_ENV, has_password, redact, strip_password
+from .driver import Interrupted, close_tracker, open_pool, progress_bar, run_tags
+from .ledger import Ledger
+from .plan import network_settings, plan
+from .plan import network_spec as plan_network_spec
 from .pool import (
     JobFailure,
     PoolError,
     WorkersLost,
     close_in_background,
-    is_infrastructure_reason,
-    make_pool,
-    open_beside,
 )
-from .scaling import Interrupted, _flatten, _git_commit, _stop_on_signals, _versions
-from .search_config import WIDTH, ParamConfig, SearchConfig, load_search
-from .userdata import DataShipper, modules_for_workers
+from .runfolder import RunFolder
+from .runmeta import flatten, stop_on_signals
+from .search_config import WIDTH, SearchConfig, load_search
+from .search_report import (
+    PS_ATTR,
+    SearchReport,
+    budget_counts,
+    fidelity_key,
+    reeval_key,
+    reeval_seed,
+    top,
+)
+from .study import (
+    DRIVER_ATTR,
+    KEY_ATTR,
+    REASON_ATTR,
+    RETRY_ATTR,
+    StorageError,
+    TrialBook,
+    make_pruner,
+    make_sampler,
+    on_stale,
+    open_storage,
+    suggest,
+)
+from .userdata import DataShipper
 
-__all__ = ["SearchRun", "StorageError", "network_spec", "resume_search", "run_search_cli", "suggest"]
+__all__ = ["DRIVER_ATTR", "KEY_ATTR", "PS_ATTR", "REASON_ATTR", "RETRY_ATTR", "SearchRun", "StorageError",
+           "make_pruner", "make_sampler", "network_spec", "resume_search", "run_search_cli", "suggest"]
 
 EXIT_SERVICE = 3
-KEY_ATTR = "mfsweep.search_key"
-DRIVER_ATTR = "mfsweep.driver"
-RETRY_ATTR = "mfsweep.retry_of"
-REASON_ATTR = "mfsweep.reason"
-PS_ATTR = "particle_steps"
-FIDELITY_PREFIX = "mfsweep.fidelity"
 HEARTBEAT_S = 10
+"""RDB storages: a heartbeat of this driver's running trials every this many seconds."""
 GRACE_S = 60
+"""... and another driver's trial without one for this long is stale (failed and retried)."""
 # Promoted (fidelity) networks need ids that never collide with trial numbers inside a pack.
 _PROMOTED_BASE = 1 << 40
 _REEVAL_BASE = 1 << 41
-REEVAL_PREFIX = "mfsweep.reeval"
-
-
-class StorageError(RuntimeError):
-    """The Optuna storage cannot be used (one line naming the fix)."""
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Optuna marks heartbeats, matplotlib plots and multivariate TPE experimental: not news to a user."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        yield
-
-
-# --------------------------------------------------------------------------- space, sampler, pruner
-
-
-def suggest(trial: Trial, space: Mapping[str, ParamConfig]) -> dict[str, Any]:
-    """Suggest every active parameter in order; a parameter whose ``when`` fails is not suggested (the
-    base config's value applies)."""
-    params: dict[str, Any] = {}
-    for key, p in space.items():
-        if not all(c.holds(params) for c in p.conditions()):
-            continue
-        if p.type == "categorical":
-            params[key] = trial.suggest_categorical(key, list(p.choices or []))
-        elif p.type == "int":
-            assert p.low is not None and p.high is not None
-            params[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-        else:
-            assert p.low is not None and p.high is not None
-            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
-    return params
 
 
 def network_spec(tcfg: ScalingConfig, net_id: int, width: int, seed: int) -> NetworkSpec:
     """A trial's network: its resolved config's per-network settings, initialised from ``seed``."""
-    d, m = tcfg.dynamics, tcfg.model
-    return NetworkSpec(net_id=net_id, width=width, seed=derive_seed(seed, 0), lr=d.lr,
-                       parametrization=m.parametrization, temperature=d.temperature,
-                       bd_rate=d.birth_death.rate, bd_scheme=d.birth_death.scheme)
-
-
-def make_sampler(cfg: SearchConfig, n_existing: int) -> optuna.samplers.BaseSampler:
-    s = cfg.search.sampler
-    # Reseed on resume: the same seed would replay the first session's random draws.
-    seed = s.seed if n_existing == 0 else derive_seed(s.seed, n_existing) % (2**32)
-    startup: dict[str, Any] = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
-    with _quiet():
-        if s.name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                              constant_liar=s.constant_liar,
-                                              **startup)
-        if s.name == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **startup)
-        if s.name == "gp":
-            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False, **startup)
-        if s.name == "nsga2":
-            pop = s.population_size or max(8, cfg.search.parallel)
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
-        return optuna.samplers.RandomSampler(seed=seed)
-
-
-def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
-    """The pruner; its resource is the step, or the particle-steps under a particle-step budget (trials of
-    different widths then meet at the same compute, not at the same step)."""
-    p = cfg.search.pruner
-    obj = cfg.search.objective
-    if obj.budget == "particle_steps":
-        assert obj.particle_steps is not None
-        steps = obj.particle_steps
-        min_resource = p.min_resource or max(1, steps // (p.reduction_factor ** 2))
-    else:
-        base, _ = cfg.resolve({})
-        steps, every = base.dynamics.steps, base.dynamics.eval_every
-        min_resource = p.min_resource or max(every, steps // (p.reduction_factor ** 2))
-    name = cfg.search.pruner_name
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource,
-                                                      reduction_factor=p.reduction_factor)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=steps,
-                                              reduction_factor=p.reduction_factor)
-    if name == "median":
-        warm = p.n_warmup_steps if p.n_warmup_steps is not None else steps // 5
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=warm)
-    return optuna.pruners.NopPruner()
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def _repair_journal(path: Path) -> None:
-    """Drop a torn last line (a driver killed mid-write); the next append would make it unreadable."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
-@dataclass(frozen=True)
-class Storage:
-    """The Optuna storage a search uses, kept as constructed (Optuna's Study does not expose its storage)."""
-
-    main: optuna.storages.BaseStorage
-    """The study's storage: ask, tell, user attributes by trial id."""
-    desc: str
-    """Where it is, password-free (for messages and tags)."""
-    heartbeat: optuna.storages.RDBStorage | None = None
-    """RDB URLs: a second handle on the same database with Optuna's heartbeat (``record_heartbeat``, and
-    ``fail_stale_trials`` on a study loaded through it). The study itself runs on ``main``, without
-    heartbeat: Optuna warns at every ``ask()`` outside ``optimize()`` on a heartbeat storage, and this driver
-    records heartbeats itself."""
-
-
-def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> Storage:
-    """The journal file in ``out`` by default, else an RDB URL (with a heartbeat handle)."""
-    if url is None or url.startswith("journal:") or not re.match(r"^[a-z][a-z0-9+]*://", url):
-        path = out / "optuna.journal" if url is None else Path(url.removeprefix("journal:"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _repair_journal(path)
-            # Only this driver (it holds the output folder's lock) writes here: a lock file left by a
-            # killed driver is stale, and waiting out Optuna's 30 s grace period would only delay resume.
-            lock = Path(str(path) + ".lock")
-            if url is None and lock.is_symlink():
-                lock.unlink()
-            backend = JournalFileBackend(str(path))
-            return Storage(optuna.storages.JournalStorage(backend), f"journal file {path}")
-        except OSError as err:
-            raise StorageError(f"cannot use journal file {path}: {err.strerror}; pass a writable --out or "
-                               "--storage") from None
-    engine: dict[str, Any] = {"pool_pre_ping": True}
-    password = storage_password()
-    if password is not None and not has_password(url):
-        # Handed to the database driver, never put into a URL that could be printed or stored.
-        engine["connect_args"] = {"password": password}
-    try:
-        main = optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        with _quiet():
-            heartbeat = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
-    except Exception as err:  # sqlalchemy errors, missing drivers, bad URLs
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if password is not None:
-            first = first.replace(password, "***")
-        raise StorageError(f"cannot open Optuna storage {redact(url)}: {redact(first)[:200]}; check --storage "
-                           f"(e.g. postgresql://user@host/db, with the password in {PASSWORD_ENV}, PGPASSWORD "
-                           "or PGPASSFILE) or omit it for a journal file") from None
-    return Storage(main, redact(url), heartbeat)
+    return plan_network_spec(tcfg, net_id, width, derive_seed(seed, 0))
 
 
 # --------------------------------------------------------------------------- one trial in flight
@@ -270,8 +137,6 @@ class _Live:
     key: str = ""
     """Extra stages (fidelity, re-evaluation): the study user attr its result goes to."""
     last_step: int = 0
-    seen_step: int = -1
-    """Highest report step handled: a pack retried from scratch replays its reports."""
     last_loss: float | None = None
     prune_at: int | None = None
     retired: Retired | None = None
@@ -287,15 +152,6 @@ class _Live:
     @property
     def particle_steps(self) -> int:
         return self.width * self.steps_trained
-
-
-def _budget_counts(trials: Sequence[FrozenTrial]) -> tuple[int, int, set[int]]:
-    """(finished trials that count toward the budget, RUNNING trials, numbers of trials that were retried)."""
-    retried = {int(t.user_attrs[RETRY_ATTR]) for t in trials if RETRY_ATTR in t.user_attrs}
-    done = sum(1 for t in trials if t.state.is_finished()
-               and not (t.state == TrialState.FAIL and t.number in retried))
-    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    return done, running, retried
 
 
 class SearchRun:
@@ -315,8 +171,8 @@ class SearchRun:
         self.address = address
         self.console = console or Console(stderr=True)
         self.show_progress = progress
-        state_path = out / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        self.folder = RunFolder(out)
+        state = self.folder.state()
         if storage is not None and has_password(storage):
             self.console.print(f"[yellow]warning:[/] a password in --storage is visible to every user of this "
                                f"host (process list); put it in {PASSWORD_ENV} or PGPASSFILE instead. It is not "
@@ -331,8 +187,7 @@ class SearchRun:
                               "--study or another --out")
         self.storage_url: str | None = storage if storage is not None else state.get("storage")
         self.study_name: str = study or state.get("study") or cfg.name
-        default_uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        self.tracking_uri: str = tracking_uri or state.get("tracking_uri") or default_uri
+        self.tracking_uri: str = tracking_uri or state.get("tracking_uri") or self.folder.default_tracking_uri()
         self.search_key: str = state.get("search_key") or uuid.uuid4().hex
         self.driver_id = uuid.uuid4().hex[:12]
         self.single = cfg.search.objective.mode == "single"
@@ -350,43 +205,37 @@ class SearchRun:
         """Trials told since the last MLflow flush (their runs' ends are flushed per finished pack)."""
         self._told_now = 0
         self._hb_stop = threading.Event()
-        self._infra_checked = False
-        self._state = {"search_key": self.search_key, "study": self.study_name,
-                       "storage": strip_password(self.storage_url) if self.storage_url else None,
-                       "tracking_uri": strip_password(self.tracking_uri), "name": cfg.name}
+        self._state = {"search_key": self.search_key, "study": self.study_name, "storage": self.storage_url,
+                       "tracking_uri": self.tracking_uri, "name": cfg.name}
 
     # ------------------------------------------------------------------ public
     def run(self) -> dict[str, Any]:
         out = self.out
-        with runfolder.hold(out, "mfsweep search"):
-            (out / "state.json").write_text(json.dumps(self._state, indent=1))
-            (out / "search.yaml").write_text(dump(self.cfg))
+        with self.folder.hold("mfsweep search"):
+            self.folder.write_state(self._state)
+            self.folder.write_config("search.yaml", dump(self.cfg))
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            self.storage = open_storage(self.storage_url, out, self._on_stale)
+            self.storage = open_storage(self.storage_url, out, on_stale, heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S)
             self.storage_desc = where = self.storage.desc
             try:
                 self.study = optuna.create_study(
                     storage=self.storage.main, study_name=self.study_name, load_if_exists=True,
                     directions=["minimize"] if self.single else ["minimize", "minimize"])
-                self.study_id = self.storage.main.get_study_id_from_name(self.study_name)
+                study_id = self.storage.main.get_study_id_from_name(self.study_name)
             except ValueError as err:  # an existing study with other directions
                 raise ConfigError(f"study '{self.study_name}' on {where}: {err}; pick another --study"
                                   ) from None
             except Exception as err:
                 raise StorageError(f"cannot open study '{self.study_name}' on {where}: "
                                    f"{str(err).strip().splitlines()[0][:200]}") from None
+            self.book = TrialBook(self.study, self.storage, study_id, self.search_key, self.driver_id, self.console)
             self.study.sampler = make_sampler(self.cfg, len(self.study.get_trials(deepcopy=False)))
             self.study.pruner = make_pruner(self.cfg)
             try:
                 return self._run()
             finally:
                 self._hb_stop.set()
-                tracker = getattr(self, "tracker", None)
-                try:
-                    if tracker is not None:
-                        tracker.close()
-                except Exception as err:  # report, but keep the primary error if any
-                    self.console.print(f"[red]MLflow: {err}[/]", soft_wrap=True)
+                close_tracker(getattr(self, "tracker", None), self.console)
 
     # ------------------------------------------------------------------ driver
     def _open_tracking(self) -> None:
@@ -396,31 +245,26 @@ class SearchRun:
         cfg = self.cfg
         self.tracker = Tracker(self.tracking_uri, cfg.name,
                                experiment_tags={mlflow_view.NOTE_TAG: mlflow_view.SEARCH_EXPERIMENT_NOTE})
+        self.ledger = Ledger(self.tracker, self)
         base = cfg.base_raw()
         base.pop("execution")
-        params = {**_flatten(base), **_flatten({"search": cfg.search.model_dump(mode="json")})}
+        params = {**flatten(base), **flatten({"search": cfg.search.model_dump(mode="json")})}
         params.pop("search.trials")  # may grow on resume (MLflow params are immutable; it goes in a tag)
         params = {k: v for k, v in params.items() if not k.startswith("search.space")}
         params["search.space"] = json.dumps(cfg.search.model_dump(mode="json")["space"])[:6000]
         self.parent = self.tracker.start_parent(mlflow_view.parent_run_name(self.study_name, "search"), params, {
-            "mfsweep.sweep_key": self.search_key, "mfsweep.kind": "search", "mfsweep.study": self.study_name,
-            "mfsweep.storage": self.storage_desc, "mfsweep.trials": str(cfg.search.trials),
-            "mfsweep.git_commit": _git_commit() or "none", "mfsweep.out": str(self.out.resolve()),
-            **{f"version.{k}": v for k, v in _versions().items()}})
+            **run_tags("search", self.search_key, self.out), "mfsweep.study": self.study_name,
+            "mfsweep.storage": self.storage_desc, "mfsweep.trials": str(cfg.search.trials)})
         self.tracker.log_artifact(self.parent, self.out / "search.yaml")
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self._recover()
+        self.book.recover()
         target = cfg.search.trials
-        done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        done, _, _ = budget_counts(self.study.get_trials(deepcopy=False))
         ex = cfg.execution
         if done < target or self._fidelity_todo() or self._reeval_todo():
-            code = modules_for_workers([cfg.task])
-            pool = open_beside(lambda: make_pool(
-                ex.backend, address=self.address, device=ex.device, workers=ex.workers,
-                cpus_per_worker=ex.cpus_per_worker, max_retries=ex.max_retries, max_workers=ex.max_workers,
-                wait_for_workers_s=ex.wait_for_workers_s, py_modules=code), self._open_tracking)
+            pool = open_pool(ex, self.address, [cfg.task], self._open_tracking)
         else:
             pool = None
             self._open_tracking()
@@ -434,12 +278,8 @@ class SearchRun:
                     f"[bold]{cfg.name}[/]: study '{self.study_name}' ({self.storage_desc}), {done}/{target} "
                     f"trials done, up to {cfg.search.parallel} in flight on {pool.n_workers} {pool.device} "
                     f"worker(s); MLflow {redact(self.tracking_uri)}", soft_wrap=True, highlight=False)
-                progress = Progress(
-                    TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    TextColumn("{task.fields[trials]} trials"), TextColumn("{task.percentage:>3.0f}%"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=self.console, disable=not self.show_progress, transient=False)
-                with progress, _stop_on_signals(self.stop):
+                progress = progress_bar(self.console, self.show_progress, "trials")
+                with progress, stop_on_signals(self.stop):
                     self._progress = progress
                     self._task_id = progress.add_task("search", total=float(target), completed=done,
                                                       trials=f"{done}/{target}")
@@ -463,7 +303,7 @@ class SearchRun:
         """Asynchronous ask/tell: every worker starts with a pack of trials; the moment a pack ends, its
         worker gets a pack of new trials, asked with everything told so far (no round waits for its slowest
         pack, and the sampler sees each result as soon as it exists)."""
-        self._done_before, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        self._done_before, _, _ = budget_counts(self.study.get_trials(deepcopy=False))
         self._told_now = 0
         while True:
             if self.stop.is_set():
@@ -494,14 +334,14 @@ class SearchRun:
         Trials that cannot run (an invalid combination, too wide for a worker) are told FAIL at once and
         replaced."""
         while True:
-            self._recover()
-            done, running, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+            self.book.recover()
+            done, running, _ = budget_counts(self.study.get_trials(deepcopy=False))
             # RUNNING trials include ours in flight and those of other live drivers sharing the study.
             per_pack = max(1, math.ceil(self.cfg.search.parallel / self.pool.n_workers))
             n = min(per_pack, target - done - running)
             if n <= 0:
                 return []
-            lives = [self._start_trial(self._ask()) for _ in range(n)]
+            lives = [self._start_trial(self.book.ask()) for _ in range(n)]
             jobs = self._pack([lv for lv in lives if lv.fail_reason is None], tag=f"t{lives[0].number:06d}",
                               spread=False)
             for lv in lives:
@@ -537,7 +377,7 @@ class SearchRun:
                 self._tell(lv)
         for lv in interrupted:
             why = f"driver interrupted at step {lv.last_step}; retried as a new trial"
-            self._retry(self._frozen(lv.number), why)
+            self.book.retry(self._frozen(lv.number), why)
             self._log_end(lv.run_id, self._frozen(lv.number))
             self._told.append(lv.number)
         self._flush_told()
@@ -551,20 +391,9 @@ class SearchRun:
 
     def _interrupted(self) -> Interrupted:
         self.tracker.flush()
-        done, _, _ = _budget_counts(self.study.get_trials(deepcopy=False))
+        done, _, _ = budget_counts(self.study.get_trials(deepcopy=False))
         return Interrupted(f"interrupted with {done}/{self.cfg.search.trials} trials done; resume with: "
                            f"mfsweep resume {self.out}")
-
-    def _ask(self) -> Trial:
-        """A RUNNING trial marked as this driver's. A plain ask() would leave a window in which a killed
-        driver leaves a RUNNING trial nobody can attribute; so the trial is enqueued with our marks first
-        and ask() pops the oldest WAITING trial (ours, or a retry, which carries the search key too)."""
-        if not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            self.study.enqueue_trial({}, user_attrs={KEY_ATTR: self.search_key, DRIVER_ATTR: self.driver_id})
-        trial = self.study.ask()
-        trial.set_user_attr(KEY_ATTR, self.search_key)
-        trial.set_user_attr(DRIVER_ATTR, self.driver_id)
-        return trial
 
     # ------------------------------------------------------------------ trials
     def _frozen(self, number: int) -> FrozenTrial:
@@ -591,7 +420,7 @@ class SearchRun:
         trial.set_user_attr("steps", steps)
         run = self._child(trial.number, params, width, steps, tcfg)
         lv = _Live(trial.number, trial.number, params, width, steps, run, trial=trial,
-                   trial_id=self._trial_id(trial.number) if self.storage.heartbeat else None, cfg=tcfg,
+                   trial_id=self.book.trial_id(trial.number) if self.storage.heartbeat else None, cfg=tcfg,
                    fail_reason=reason)
         self.live[lv.net_id] = lv
         return lv
@@ -601,10 +430,8 @@ class SearchRun:
         key = f"trial-{number:05d}{suffix}"
         p: dict[str, Any] = {**params, "trial_number": number, "width": width, "steps": steps}
         if tcfg is not None:
-            p.update({"unit": tcfg.model.unit.value, "parametrization": tcfg.model.parametrization.value,
-                      "lr": tcfg.dynamics.lr, "batch_size": tcfg.dynamics.batch_size,
-                      "temperature": tcfg.dynamics.temperature, "bd_rate": tcfg.dynamics.birth_death.rate,
-                      "bd_scheme": tcfg.dynamics.birth_death.scheme.value})
+            p.update({"unit": tcfg.model.unit.value, "batch_size": tcfg.dynamics.batch_size,
+                      **network_settings(tcfg)})
         name = f"trial {number} width={width}"  # the MLflow run name; ``key`` stays the stable identity
         if suffix.startswith("-seed"):
             name += f" seed={suffix.removeprefix('-seed')} (re-evaluation)"
@@ -618,84 +445,57 @@ class SearchRun:
 
     def _pack(self, lives: Sequence[_Live], tag: str, spread: bool = True,
               data_seed: int | None = None) -> list[PackJob]:
-        """Compatible networks share a pack, within the memory a worker may use; with ``spread`` each group
-        is split over the workers, balanced by width (else it stays one pack where it fits: one worker's
-        share of an asynchronous search)."""
-        import torch
-
-        ex = self.cfg.execution
-        groups: dict[str, list[_Live]] = {}
+        """The planner's packs (:func:`plan.plan`) of ``lives``: with ``spread`` each group is split over the
+        workers, else it stays one pack where it fits (one worker's share of an asynchronous search). A
+        network too wide for a worker gets its fail reason and no pack."""
+        by_id = {lv.net_id: lv for lv in lives}
+        entries = []
         for lv in lives:
             assert lv.cfg is not None
-            groups.setdefault(pack_key(lv.cfg), []).append(lv)
-        budget = self.pool.memory_bytes * ex.memory_fraction
-        jobs: list[PackJob] = []
-        for members in groups.values():
-            c = members[0].cfg
-            assert c is not None
-            task_spec, model, dyn = c.task.spec(), c.model.spec(), c.dynamics.spec()
-            task = make_task(task_spec)
-            exact = _uses_exact(task, model, dyn)
-            batch = task_spec.n_train if dyn.algorithm.value == "gd" and not exact else dyn.batch_size
-
-            def mem(ws: Sequence[int], _b: int = batch, _e: bool = exact, _t: Any = task,
-                    _n: int = task_spec.n_test, _dt: str = c.execution.dtype) -> int:
-                return estimate_pack_bytes(ws, batch=_b, dim=_t.dim, out_dim=_t.out_dim,
-                                           dtype=getattr(torch, _dt), exact=_e, n_test=_n)
-
-            fits = []
-            for lv in members:
-                if mem([lv.width]) > budget:
-                    lv.fail_reason = (f"width {lv.width} needs ~{mem([lv.width]) / 2**30:.1f} GiB, more than "
-                                      f"the {budget / 2**30:.1f} GiB a worker may use")
-                else:
-                    fits.append(lv)
-            if not fits:
-                continue
-            share = max(1, round(self.pool.n_workers * len(fits) / max(1, len(lives)))) if spread else 1
-            n_bins = min(len(fits), max(share, math.ceil(len(fits) / ex.max_networks_per_pack)))
-            def fit(b: list[_Live], _m: Callable[[Sequence[int]], int] = mem,
-                    _l: int = ex.max_networks_per_pack) -> bool:
-                return _m([lv.width for lv in b]) <= budget and len(b) <= _l
-
-            for b in balance(fits, lambda lv: float(lv.width), n_bins, fit):
-                # Pack ids are unique per search and round: a late retire request can never hit a later pack.
-                specs = tuple(sorted((self._spec(lv) for lv in b), key=lambda s: s.net_id))
-                jobs.append(PackJob(
-                    pack_id=f"{self.search_key[:8]}-{tag}-{len(jobs)}", task=task_spec, model=model,
-                    dynamics=dyn, networks=specs,
-                    data_seed=self.cfg.search.seed if data_seed is None else data_seed,
-                    dtype=c.execution.dtype, kernel=c.execution.kernel, precision=c.execution.precision,
-                    checkpoint=None, data=self._shipper.data_for(task_spec)))
-        jobs.sort(key=lambda j: -j.cost)
-        return jobs
+            entries.append((lv.cfg, self._spec(lv)))
+        # Pack ids are unique per search and round: a late retire request can never hit a later pack.
+        packing = plan(entries, n_workers=self.pool.n_workers if spread else 1,
+                       memory_bytes=self.pool.memory_bytes, execution=self.cfg.execution,
+                       data_seed=self.cfg.search.seed if data_seed is None else data_seed,
+                       pack_id=lambda i: f"{self.search_key[:8]}-{tag}-{i}")
+        for spec, reason in packing.too_wide:
+            by_id[spec.net_id].fail_reason = reason
+        return [self._shipper.attach(j) for j in packing.jobs]
 
     def _on_event(self, ev: PackEvent) -> None:
-        rep = ev.report
-        for m in rep.metrics:
-            lv = self.live.get(m.net_id)
-            if lv is None or lv.prune_at is not None or m.step <= lv.seen_step:
-                continue
-            lv.last_step = lv.seen_step = m.step
-            self.tracker.log_metrics(lv.run_id, rep.values(m), m.step)
-            if not math.isfinite(m.test_loss):
-                continue
-            lv.last_loss = m.test_loss
-            lv.curve.append((m.step, m.test_loss))
-            if lv.trial is None or not self.single:
-                continue  # Optuna has no intermediate values for multi-objective studies
-            lv.trial.report(m.test_loss, m.step * lv.width if self.compute_resource else m.step)
-            if self.can_prune and 0 < m.step < lv.steps and lv.trial.should_prune():
-                lv.prune_at = m.step
-                self.pool.request_retire(ev.pack_id, m.net_id, NetStatus.PRUNED.value,
-                                         f"pruned by {self.cfg.search.pruner_name} at step {m.step}")
-        for r in rep.retired:
-            lv = self.live.get(r.net_id)
-            if lv is not None and lv.retired is None:
-                lv.retired = r
-                if lv.trial is not None:
-                    self._tell(lv)  # the sampler and pruner see it now, not when its pack ends
+        self.ledger.on_event(ev)
         self._advance()
+
+    # ------------------------------------------------------------------ the ledger's policy
+    def run_of(self, net_id: int) -> str | None:
+        """A network in flight's MLflow run (a pruned one's late reports are dropped)."""
+        lv = self.live.get(net_id)
+        return None if lv is None or lv.prune_at is not None else lv.run_id
+
+    def on_point(self, ev: PackEvent, m: NetMetrics, prev_step: int) -> None:
+        """Report the point to the trial; ask the pruner, and retire the network from its pack if it says so."""
+        lv = self.live[m.net_id]
+        lv.last_step = m.step
+        if not math.isfinite(m.test_loss):
+            return
+        lv.last_loss = m.test_loss
+        lv.curve.append((m.step, m.test_loss))
+        if lv.trial is None or not self.single:
+            return  # Optuna has no intermediate values for multi-objective studies
+        lv.trial.report(m.test_loss, m.step * lv.width if self.compute_resource else m.step)
+        if self.can_prune and 0 < m.step < lv.steps and lv.trial.should_prune():
+            lv.prune_at = m.step
+            self.pool.request_retire(ev.pack_id, m.net_id, NetStatus.PRUNED.value,
+                                     f"pruned by {self.cfg.search.pruner_name} at step {m.step}")
+
+    def on_end(self, r: Retired, ev: PackEvent) -> None:
+        """A trial is told the moment its network ends (the sampler and pruner see it now, not when its pack
+        ends); an extra stage's network is recorded when its stage ends."""
+        lv = self.live.get(r.net_id)
+        if lv is not None and lv.retired is None:
+            lv.retired = r
+            if lv.trial is not None:
+                self._tell(lv)
 
     def _advance(self) -> None:
         if self._progress is None:
@@ -733,49 +533,6 @@ class SearchRun:
         self._told_now += 1
 
     # ------------------------------------------------------------------ recovery
-    def _retry(self, t: FrozenTrial, reason: str) -> None:
-        """Fail a trial that will never be told and enqueue its parameters once (idempotent: a driver killed
-        half-way through this is recovered by the next start)."""
-        trials = self.study.get_trials(deepcopy=False)
-        if not any(tt.user_attrs.get(RETRY_ATTR) == t.number for tt in trials):
-            marks = {RETRY_ATTR: t.number, KEY_ATTR: self.search_key}
-            self.study.enqueue_trial(dict(t.params), user_attrs=marks)
-        if t.state == TrialState.RUNNING:
-            # The public Trial API needs the live object of the process that asked; the storage takes ids.
-            self.storage.main.set_trial_user_attr(self._trial_id(t.number), REASON_ATTR, reason)
-            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-
-    def _recover(self) -> None:
-        """Fail and retry the trials of this search that a dead driver left RUNNING (and, with a heartbeat
-        storage, stale trials of any driver)."""
-        if self.storage.heartbeat is not None:
-            with _quiet():
-                optuna.storages.fail_stale_trials(
-                    optuna.load_study(study_name=self.study_name, storage=self.storage.heartbeat))
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            ours = t.user_attrs.get(KEY_ATTR) == self.search_key
-            if ours and t.user_attrs.get(DRIVER_ATTR) != self.driver_id:
-                self._retry(t, f"driver {t.user_attrs.get(DRIVER_ATTR)} stopped before the trial ended "
-                               "(killed or crashed); retried as a new trial")
-                self.console.print(f"trial {t.number} was left running by a dead driver: failed and retried",
-                                   highlight=False)
-        if not self._infra_checked:
-            # Earlier versions failed trials whose workers were lost; such a loss is not the trial's result.
-            self._infra_checked = True
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-                if t.user_attrs.get(KEY_ATTR) == self.search_key and \
-                        is_infrastructure_reason(str(t.user_attrs.get(REASON_ATTR, ""))):
-                    self._retry(t, str(t.user_attrs.get(REASON_ATTR)))
-
-    def _on_stale(self, study: optuna.Study, t: FrozenTrial) -> None:
-        """Heartbeat-stale trial (already FAIL): enqueue its retry once."""
-        if not any(tt.user_attrs.get(RETRY_ATTR) == t.number for tt in study.get_trials(deepcopy=False)):
-            study.enqueue_trial(dict(t.params), user_attrs={RETRY_ATTR: t.number,
-                                                            "mfsweep.retry_reason": "heartbeat stale"})
-
-    def _trial_id(self, number: int) -> int:
-        return self.storage.main.get_trial_id_from_study_id_trial_number(self.study_id, number)
-
     def _heartbeat_thread(self) -> None:
         """Record heartbeats of this driver's running trials (RDB storages), so that other drivers sharing the
         study do not fail them as stale."""
@@ -802,13 +559,10 @@ class SearchRun:
         if t.values:
             final["final_test_loss"] = float(t.values[0])
         step = int(t.user_attrs.get("steps_trained") or t.last_step or 0)
-        if final:
-            self.tracker.log_metrics(run_id, final, step)
         reason = str(t.user_attrs.get(REASON_ATTR, "")) or ("retried" if t.state == TrialState.FAIL else "")
-        self.tracker.set_tags(run_id, {"optuna.state": t.state.name, "mfsweep.reason": reason[:500],
-                                       "mfsweep.trial_number": str(t.number)})
         status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(t.state, "FAILED")
-        self.tracker.end_run(run_id, status)
+        self.ledger.close_run(run_id, final, step, {"optuna.state": t.state.name, "mfsweep.reason": reason[:500],
+                                                    "mfsweep.trial_number": str(t.number)}, status)
 
     def _synced_path(self) -> Path:
         return self.out / "mlflow_synced.json"
@@ -846,16 +600,8 @@ class SearchRun:
             self._flush_synced([t.number for t in todo])
 
     # ------------------------------------------------------------------ width as fidelity
-    def _fidelity_key(self, width: int, number: int) -> str:
-        return f"{FIDELITY_PREFIX}.w{width:06d}.t{number:06d}"
-
     def _top(self, k: int | None = None) -> list[FrozenTrial]:
-        """The k (default: fidelity.top_k) best complete trials by their single-run value."""
-        if k is None:
-            assert self.cfg.search.fidelity is not None
-            k = self.cfg.search.fidelity.top_k
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return sorted(complete, key=lambda t: (t.values[0], t.number))[:k]
+        return top(self.cfg, self.study, k)
 
     def _fidelity_todo(self) -> list[tuple[FrozenTrial, int]]:
         """(trial, width) pairs of the promotion stage not yet recorded in the study."""
@@ -864,7 +610,7 @@ class SearchRun:
             return []
         have = self.study.user_attrs
         top = self._top()
-        return [(t, w) for w in fid.widths[1:] for t in top if self._fidelity_key(w, t.number) not in have]
+        return [(t, w) for w in fid.widths[1:] for t in top if fidelity_key(w, t.number) not in have]
 
     def _fidelity(self) -> None:
         """Retrain the top_k complete trials at every larger width (no pruning); results go to the study's
@@ -873,7 +619,7 @@ class SearchRun:
         assert fid is not None
         top = self._top()
         # Same parameters and training horizon as the trial, only wider (docs/science.md, width as a fidelity).
-        lives = [self._stage_live(_PROMOTED_BASE + i, t, width, f"-w{width}", self._fidelity_key(width, t.number))
+        lives = [self._stage_live(_PROMOTED_BASE + i, t, width, f"-w{width}", fidelity_key(width, t.number))
                  for i, (t, width) in enumerate(self._fidelity_todo())]
         if not lives:
             return
@@ -896,7 +642,7 @@ class SearchRun:
         ``lv.key`` (so a resumed search only runs what is missing) and to its MLflow child run."""
         for lv in lives:
             self.live[lv.net_id] = lv
-        with _stop_on_signals(self.stop):
+        with stop_on_signals(self.stop):
             try:
                 failures = self.pool.run(jobs, self._on_event, self.stop)
             except WorkersLost as err:  # nothing recorded: the stage runs again on resume
@@ -921,22 +667,16 @@ class SearchRun:
             final = {PS_ATTR: float(lv.particle_steps)}
             if rec["loss"] is not None:
                 final["final_test_loss"] = float(rec["loss"])
-            self.tracker.log_metrics(lv.run_id, final, lv.steps_trained)
-            self.tracker.set_tags(lv.run_id, {"optuna.state": state,
-                                              "mfsweep.reason": str(rec["reason"])[:500],
-                                              "mfsweep.trial_number": str(lv.number)})
-            self.tracker.end_run(lv.run_id, "FINISHED" if ok else "FAILED")
+            self.ledger.close_run(lv.run_id, final, lv.steps_trained,
+                                  {"optuna.state": state, "mfsweep.reason": str(rec["reason"])[:500],
+                                   "mfsweep.trial_number": str(lv.number)}, "FINISHED" if ok else "FAILED")
         self.tracker.flush()
         if self.stop.is_set():
             raise self._interrupted()
 
     # ------------------------------------------------------------------ re-evaluation on fresh seeds
-    def _reeval_key(self, number: int, j: int) -> str:
-        return f"{REEVAL_PREFIX}.t{number:06d}.s{j}"
-
     def _reeval_seed(self, j: int) -> int:
-        """Fresh seeds: never the search's own (its draws are the ones the pick was lucky on)."""
-        return self.cfg.search.seed + 1 + j
+        return reeval_seed(self.cfg, j)
 
     def _reeval_todo(self) -> list[tuple[FrozenTrial, int]]:
         rv = self.cfg.search.reeval
@@ -944,7 +684,7 @@ class SearchRun:
             return []
         have = self.study.user_attrs
         return [(t, j) for j in range(rv.seeds) for t in self._top(rv.top_k)
-                if self._reeval_key(t.number, j) not in have]
+                if reeval_key(t.number, j) not in have]
 
     def _reeval(self) -> None:
         """Retrain the top_k complete trials on ``seeds`` fresh seeds each; one pack per seed (a seed fixes
@@ -952,7 +692,7 @@ class SearchRun:
         rv = self.cfg.search.reeval
         assert rv is not None
         lives = [self._stage_live(_REEVAL_BASE + i, t, None, f"-seed{self._reeval_seed(j)}",
-                                  self._reeval_key(t.number, j), seed=self._reeval_seed(j))
+                                  reeval_key(t.number, j), seed=self._reeval_seed(j))
                  for i, (t, j) in enumerate(self._reeval_todo())]
         if not lives:
             return
@@ -964,209 +704,10 @@ class SearchRun:
                                data_seed=seed)
         self._run_stage(lives, jobs, "REEVALUATED")
 
-    def _reeval_report(self) -> dict[str, Any] | None:
-        rv = self.cfg.search.reeval
-        if rv is None:
-            return None
-        attrs = self.study.user_attrs
-        rows: list[dict[str, Any]] = []
-        for t in self._top(rv.top_k):
-            recs = [attrs.get(self._reeval_key(t.number, j)) for j in range(rv.seeds)]
-            losses = [None if r is None else r.get("loss") for r in recs]
-            got = [v for v in losses if v is not None]
-            mean = statistics.fmean(got) if len(got) == rv.seeds else None
-            se = statistics.stdev(got) / math.sqrt(len(got)) if mean is not None else None
-            rows.append({"number": t.number, "params": t.params, "single_run": t.values[0],
-                         "seeds": [self._reeval_seed(j) for j in range(rv.seeds)], "losses": losses,
-                         "mean": mean, "se": se})
-        done = [r for r in rows if r["mean"] is not None]
-        pick = min(done, key=lambda r: (r["mean"], r["number"])) if done else None
-        if pick is not None:
-            self.tracker.log_metrics(self.parent, {"reeval.pick_mean": pick["mean"], "reeval.pick_se": pick["se"],
-                                                   "reeval.pick_single_run": pick["single_run"]}, 0)
-        return {"top_k": rv.top_k, "seeds": rv.seeds, "trials": rows, "pick": pick}
-
-    def _fidelity_report(self) -> dict[str, Any] | None:
-        fid = self.cfg.search.fidelity
-        if fid is None:
-            return None
-        from scipy.stats import spearmanr
-
-        attrs = self.study.user_attrs
-        rows: list[dict[str, Any]] = []
-        for t in self._top():
-            losses: dict[str, float | None] = {str(fid.widths[0]): float(t.value or math.nan)}
-            for w in fid.widths[1:]:
-                rec = attrs.get(self._fidelity_key(w, t.number))
-                losses[str(w)] = None if rec is None else rec.get("loss")
-            rows.append({"number": t.number, "params": t.params, "losses": losses})
-        spearman: dict[str, float | None] = {}
-        small = str(fid.widths[0])
-        for w in fid.widths[1:]:
-            pairs = [(r["losses"][small], r["losses"][str(w)]) for r in rows
-                     if r["losses"][str(w)] is not None and r["losses"][small] is not None]
-            rho = None
-            if len(pairs) >= 3:
-                val = float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
-                rho = val if math.isfinite(val) else None
-            spearman[str(w)] = rho
-            if rho is not None:
-                self.tracker.log_metrics(self.parent, {f"fidelity.spearman.w{fid.widths[0]}_w{w}": rho}, w)
-        largest = str(fid.widths[-1])
-        finished = [r for r in rows if r["losses"][largest] is not None]
-        best = min(finished, key=lambda r: r["losses"][largest]) if finished else None
-        return {"widths": fid.widths, "top_k": fid.top_k, "trials": rows, "spearman": spearman,
-                "best_at_largest_width": None if best is None else
-                {"number": best["number"], "params": best["params"], "width": fid.widths[-1],
-                 "value": best["losses"][largest]}}
-
-    # ------------------------------------------------------------------ results
-    def _best(self, fidelity: dict[str, Any] | None, reeval: dict[str, Any] | None
-              ) -> tuple[FrozenTrial | None, int | None, float | None]:
-        """(best trial, the width its exported config should use, value) for the best-config export: the
-        best at the largest fidelity width, else the lowest re-evaluated mean, else the lowest single run."""
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
-            return None, None, None
-        if fidelity is not None and fidelity["best_at_largest_width"] is not None:
-            b = fidelity["best_at_largest_width"]
-            t = next(tt for tt in complete if tt.number == b["number"])
-            return t, int(b["width"]), float(b["value"])
-        if reeval is not None and reeval["pick"] is not None:
-            t = next(tt for tt in complete if tt.number == reeval["pick"]["number"])
-            return t, None, float(reeval["pick"]["mean"])
-        t = min(complete, key=lambda tt: tt.values[0])
-        return t, None, float(t.values[0])
-
-    def _export_best(self, t: FrozenTrial, width: int | None, value: float) -> Path:
-        """The best trial's settings as a scaling config (``mfsweep scaling best_config.yaml``), checked by
-        loading it back."""
-        tcfg, w = self.cfg.resolve(t.params, width)
-        raw = tcfg.model_dump(mode="json")
-        raw["name"] = f"{self.cfg.name}_best"
-        raw["sweep"]["seed"] = self.cfg.search.seed
-        path = self.out / "best_config.yaml"
-        head = (f"# Best trial #{t.number} of study '{self.study_name}' (final test loss {value:.6g} at "
-                f"width {w}).\n# Run the error-vs-width sweep with it:  mfsweep scaling {path}\n")
-        path.write_text(head + dump(ScalingConfig.model_validate(raw)))
-        load(path)  # must be valid as it stands
-        return path
-
-    def _plots(self) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as ovm
-
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        target: Callable[[FrozenTrial], float] | None = None if self.single else (lambda t: t.values[0])
-        name = "final test loss"
-        plots: list[tuple[str, Callable[[], Any]]] = [
-            ("optimization_history.png", lambda: ovm.plot_optimization_history(
-                self.study, target=target, target_name=name)),
-            ("param_importances.png", lambda: ovm.plot_param_importances(
-                self.study, target=target, target_name=name,
-                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=self.cfg.search.sampler.seed))),
-            ("parallel_coordinate.png", lambda: ovm.plot_parallel_coordinate(
-                self.study, target=target, target_name=name)),
-        ]
-        if self.single:
-            plots.append(("intermediate_values.png", lambda: ovm.plot_intermediate_values(self.study)))
-        else:
-            plots.append(("pareto_front.png", lambda: ovm.plot_pareto_front(
-                self.study, target_names=["final test loss", "particle-steps"])))
-        out = []
-        for fname, fn in plots:
-            if len(complete) < 2 and fname != "intermediate_values.png":
-                continue
-            try:
-                with _quiet(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ax = fn()
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                fig.savefig(self.out / fname, dpi=110, bbox_inches="tight")
-                plt.close(fig)
-                out.append(self.out / fname)
-            except Exception as err:  # e.g. importances need two distinct values of a parameter
-                why = str(err).splitlines()[0][:150] if str(err) else type(err).__name__
-                self.console.print(f"[yellow]no {fname}: {why}[/]", highlight=False)
-            plt.close("all")
-        return out
-
     def _finish(self) -> dict[str, Any]:
         self._sync_mlflow()
-        trials = self.study.get_trials(deepcopy=False)
-        states = {s: sum(1 for t in trials if t.state.name == s) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        _, _, retried = _budget_counts(trials)
-        fidelity = self._fidelity_report()
-        reeval = self._reeval_report()
-        best_t, best_w, best_v = self._best(fidelity, reeval)
-        summary: dict[str, Any] = {
-            "study": self.study_name,
-            "n_trials": len(trials),
-            "states": states,
-            "best": None if best_t is None else {
-                "params": best_t.params, "value": best_v, "number": best_t.number,
-                "value_is": (f"final test loss at width {best_w}" if best_w is not None else
-                             f"mean final test loss over {reeval['seeds']} fresh seeds"
-                             if reeval is not None and reeval["pick"] is not None else "final test loss")},
-            "mlflow": {"tracking_uri": redact(self.tracking_uri), "experiment_id": self.tracker.experiment_id,
-                       "parent_run_id": self.parent},
-            "objective": self.cfg.search.objective.mode,
-            "retried": sorted(retried),
-            # All the training this search did: its trials, plus the fidelity and re-evaluation networks.
-            "particle_steps": int(sum(int(t.user_attrs.get(PS_ATTR, 0)) for t in trials)) + int(sum(
-                int(v.get(PS_ATTR, 0)) for k, v in self.study.user_attrs.items()
-                if k.startswith((FIDELITY_PREFIX, REEVAL_PREFIX)) and isinstance(v, dict))),
-            "storage": self.storage_desc,
-        }
-        if not self.single:
-            summary["pareto_front"] = [{"number": t.number, "params": t.params, "values": t.values}
-                                       for t in sorted(self.study.best_trials, key=lambda t: t.values[0])]
-        if fidelity is not None:
-            summary["fidelity"] = fidelity
-        if reeval is not None:
-            summary["reeval"] = reeval
-        artifacts = self._plots()
-        if best_t is not None and best_v is not None:
-            path = self._export_best(best_t, best_w, best_v)
-            summary["best_config"] = str(path)
-            artifacts.append(path)
-            self.tracker.log_metrics(self.parent, {"best_value": best_v}, 0)
-        self.tracker.log_metrics(self.parent, {
-            "n_complete": float(states["COMPLETE"]), "n_pruned": float(states["PRUNED"]),
-            "n_fail": float(states["FAIL"]), "total_particle_steps": float(summary["particle_steps"])}, 0)
-        self.tracker.set_tags(self.parent, {"mfsweep.trials": str(self.cfg.search.trials)})
-        mlflow_view.describe(self.tracker, self.parent, mlflow_view.search_paragraph(
-            self.study_name, len(trials), states, summary["best"]))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True, default=str))
-        artifacts.insert(0, self.out / "summary.json")
-        self.tracker.flush()
-        for path in artifacts:
-            self.tracker.log_artifact(self.parent, path)
-        self.tracker.end_run(self.parent, "FINISHED")
-        self._print_table(trials, summary)
-        return summary
-
-    def _print_table(self, trials: Sequence[FrozenTrial], summary: Mapping[str, Any]) -> None:
-        done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[0])[:8]
-        keys = list(self.cfg.search.space)
-        counts = ", ".join(f"{v} {k.lower()}" for k, v in summary["states"].items())
-        table = Table(title=f"{self.study_name}: best trials", caption=f"{len(trials)} trials: {counts}")
-        table.add_column("#", justify="right")
-        for k in keys:
-            table.add_column(k.split(".")[-1] if k != WIDTH else WIDTH)
-        table.add_column("test loss", justify="right")
-        table.add_column("particle-steps", justify="right")
-        for t in done:
-            cells = [str(t.number)]
-            for k in keys:
-                v = t.params.get(k, "-")
-                cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-            cells += [f"{t.values[0]:.4g}", f"{int(t.user_attrs.get(PS_ATTR, 0)):,}"]
-            table.add_row(*cells)
-        Console().print(table)
+        return SearchReport(self.cfg, self.study, self.study_name, self.out, self.console, self.tracker,
+                            self.parent, self.storage_desc, self.tracking_uri).finish()
 
 
 # --------------------------------------------------------------------------- CLI entry points

@@ -1,0 +1,185 @@
+"""The network ledger: where a report goes after the engine emits it.
+
+Data path: config (config.py) -> plan (plan.py) -> pool (pool.py) -> actor (workers/actor.py) -> engine
+(workers/engine/) -> **ledger** -> tracker (tracking.py) -> analysis (analysis.py).
+
+A pack's report reaches the driver as a :class:`~workers.jobs.PackEvent` (from the pool, or from the pack's
+report log on resume: :meth:`Ledger.replay`). :meth:`Ledger.on_event` is the one place it is consumed:
+
+* each network's points: a step at or below the last one handled is a replay (a pack trained again past its
+  checkpoint, a report log re-sent on resume) and is dropped here, once; a new point goes to the network's
+  tracker run, then to the policy (progress, pruning);
+* each network's end (a :class:`~workers.engine.Retired`): dropped when the same end was handled already,
+  else handed to the policy, which records it durably: ``mfsweep scaling`` appends it to ``results.jsonl``
+  (:class:`ResultsFile`), ``mfsweep search`` tells Optuna. :meth:`Ledger.close_run` then finalizes the
+  network's tracker run.
+
+The policy (:class:`NetworkPolicy`) is what differs between the commands: which networks are its own, what
+a new point means to it, and what to do when a network ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from workers.engine import NetMetrics, NetStatus, Retired
+from workers.jobs import PackEvent, PackJob
+from workers.reportlog import read_events
+
+from .pool import is_infrastructure_reason
+
+__all__ = ["Ledger", "NetworkPolicy", "NetworkResult", "ResultsFile", "RunSink", "read_results"]
+
+
+class RunSink(Protocol):
+    """The tracker methods the ledger uses (:class:`orchestrator.tracking.Tracker`'s public ones)."""
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None: ...
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None: ...
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+
+
+class NetworkPolicy(Protocol):
+    """What a command does with its networks' reports."""
+
+    def run_of(self, net_id: int) -> str | None:
+        """The network's tracker run; None: no network of this policy now (its reports are dropped)."""
+
+    def on_point(self, ev: PackEvent, m: NetMetrics, prev_step: int) -> None:
+        """A new point of a network, already sent to its run (``prev_step``: the last one before, -1)."""
+
+    def on_end(self, r: Retired, ev: PackEvent) -> None:
+        """A network ended: record it durably (the policy knows where)."""
+
+
+class Ledger:
+    """Consumes pack events for one driver session (see the module doc). Invariant: every point and every
+    end reaches the tracker and the policy at most once per session, in report order."""
+
+    def __init__(self, tracker: RunSink, policy: NetworkPolicy) -> None:
+        self.tracker = tracker
+        self.policy = policy
+        self.last_step: dict[int, int] = {}
+        """Per network, the last step whose point was handled."""
+        self.ended_at: dict[int, int] = {}
+        """Per network, the step of the last end handled (a sweep extended to more steps ends it again)."""
+
+    def on_event(self, ev: PackEvent) -> None:
+        rep = ev.report
+        for m in rep.metrics:
+            prev = self.last_step.get(m.net_id, -1)
+            if m.step <= prev:
+                continue  # a replay: trained again past a checkpoint, or re-sent from a report log
+            run = self.policy.run_of(m.net_id)
+            if run is None:
+                continue
+            self.last_step[m.net_id] = m.step
+            self.tracker.log_metrics(run, rep.values(m), m.step)
+            self.policy.on_point(ev, m, prev)
+        for r in rep.retired:
+            if r.step <= self.ended_at.get(r.net_id, -1):
+                continue
+            self.ended_at[r.net_id] = r.step
+            self.policy.on_end(r, ev)
+
+    def replay(self, job: PackJob) -> None:
+        """Re-send a checkpointed pack's report log (what a killed driver may have received but not
+        recorded); what was recorded already is dropped here and by the policy's durable record."""
+        if job.checkpoint:
+            for ev in read_events(job.checkpoint, job.pack_id):
+                self.on_event(ev)
+
+    def step_of(self, net_id: int) -> int:
+        """The last step of ``net_id`` handled this session (0: none)."""
+        return max(0, self.last_step.get(net_id, 0))
+
+    def close_run(self, run: str, final: dict[str, float], step: int, tags: dict[str, str], status: str) -> None:
+        """A network's final metrics, tags and status in its tracker run (idempotent)."""
+        if final:
+            self.tracker.log_metrics(run, final, step)
+        self.tracker.set_tags(run, tags)
+        self.tracker.end_run(run, status)
+
+
+# --------------------------------------------------------------------------- results.jsonl (mfsweep scaling)
+
+
+@dataclass(frozen=True)
+class NetworkResult:
+    """How one network ended (one line of results.jsonl)."""
+
+    net_id: int
+    key: str
+    variant: str
+    width: int
+    replicate: int
+    status: str
+    final_test_loss: float | None
+    """The last test loss."""
+    step: int
+    """The step the network stopped at (converged, capped, diverged, pruned)."""
+    reason: str
+    wall_s: float
+    final_loss_mean: float | None = None
+    """Mean test loss over the final window: the network's result."""
+    final_loss_se: float | None = None
+    """Its standard error (serial correlation of the reports accounted for)."""
+    converged: bool | None = None
+    """The plateau test passed over the final window (None: recorded by an older version)."""
+    final_slope: float | None = None
+    """d log L / d log t over the final window."""
+    cap: int | None = None
+    """dynamics.steps when this was recorded (a sweep extended to more steps records again)."""
+
+    @property
+    def result_loss(self) -> float | None:
+        return self.final_loss_mean if self.final_loss_mean is not None else self.final_test_loss
+
+    def settled(self, steps: int) -> bool:
+        """Nothing left to train for a cap of ``steps``: it stopped for good (diverged, failed, pruned,
+        converged) or already trained that far."""
+        return (self.status != NetStatus.FINISHED.value or bool(self.converged) or self.cap is None
+                or self.cap >= steps)
+
+
+def read_results(path: Path) -> dict[int, NetworkResult]:
+    """Results already recorded: per network the record of the largest cap (the sweep may have been
+    extended), the first of equal caps (replays never record twice); a torn last line is ignored. A network
+    that an earlier version failed because its workers were lost is not a result: it is trained again."""
+    out: dict[int, NetworkResult] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = NetworkResult(**json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if rec.status == NetStatus.FAILED.value and is_infrastructure_reason(rec.reason):
+            continue
+        old = out.get(rec.net_id)
+        if old is None or (rec.cap or -1) > (old.cap or -1):
+            out[rec.net_id] = rec
+    return out
+
+
+class ResultsFile:
+    """``results.jsonl``: one line per network end, appended and fsynced before anything else hears of it
+    (a finished network is never lost, whatever kills the driver after)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[int, NetworkResult]:
+        return read_results(self.path)
+
+    def append(self, res: NetworkResult) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(asdict(res)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
