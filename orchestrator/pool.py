@@ -13,16 +13,18 @@
 - A job whose worker or node is lost runs again from its checkpoint, however often that happens; a job that
   raises inside its own training is retried ``max_retries`` times, then reported as failed. Only such own
   failures are ever returned: losing the workers never fails a job (:class:`WorkersLost` stops the run).
-- A job that runs again continues from its checkpoint: the reports it made before that checkpoint are not
-  sent again (``on_event`` had them), those after it come again with the same steps (the caller drops them
-  as seen). Every report is also in the pack's report log beside the checkpoint (:mod:`workers.reportlog`),
-  for a driver that was killed before it recorded them.
+- A job that runs again continues from its checkpoint: the reports that checkpoint covers are not sent
+  again, except those past the last one ``on_event`` received (a lost worker may have emitted them without
+  their arriving; they come from the report log); those after the checkpoint come again with the same steps.
+  The caller drops reports it has seen, by step. Every report is also in the pack's report log beside the
+  checkpoint (:mod:`workers.reportlog`), for a driver that was killed before it recorded them.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -144,11 +146,14 @@ class LocalPool(Pool):
         while todo:
             job = todo.popleft()
             failure: JobFailure | None = None
+            seen = -1
             for attempt in range(self.max_retries + 1):
                 if stop is not None and stop.is_set():
                     return failures
                 try:
-                    for event in self.runner.train(job):
+                    run = job if attempt == 0 else dataclasses.replace(job, resend_after=seen)
+                    for event in self.runner.train(run):
+                        seen = max(seen, event.report.step)
                         on_event(event)
                         if stop is not None and stop.is_set():
                             return failures
@@ -262,6 +267,8 @@ class RayPool(Pool):
         self._slots = max(1, min(per_node, self.cap or per_node))
         self._workers: list[_Worker] = []
         self._running: dict[str, ray.actor.ActorHandle] = {}
+        self._seen: dict[str, int] = {}
+        """pack id -> last report step received (a job run again re-sends what its checkpoint covers past it)."""
         self.worker_nodes: dict[str, str] = {}
         """Every worker this pool ever had (name -> Ray node id): where packs ran."""
         self._requested: int | None = None
@@ -477,9 +484,14 @@ class RayPool(Pool):
             self._handle(item, collections.deque(), on_event, end)
         return failures
 
+    def _again(self, job: PackJob) -> PackJob:
+        """The job to run again: it re-sends what its checkpoint covers past the last report received."""
+        return dataclasses.replace(job, resend_after=self._seen.get(job.pack_id, -1))
+
     def _handle(self, item: Any, todo: collections.deque[tuple[PackJob, int]],
                 on_event: Callable[[PackEvent], None], end: Callable[[PackJob, JobFailure | None], None]) -> None:
         if isinstance(item, PackEvent):
+            self._seen[item.pack_id] = max(self._seen.get(item.pack_id, -1), item.report.step)
             on_event(item)
             return
         w: _Worker | None = item.worker
@@ -495,11 +507,11 @@ class RayPool(Pool):
             log.warning("pack %s: %s on node %s; re-queued from its checkpoint", item.job.pack_id, item.reason,
                         where)
             self._drop(w)
-            todo.appendleft((item.job, item.attempt))  # first in line: it has the most work done
+            todo.appendleft((self._again(item.job), item.attempt))  # first in line: it has the most work done
         elif isinstance(item, _Raised):
             if item.attempt < self.max_retries:
                 log.warning("pack %s raised (%s); attempt %d", item.job.pack_id, item.reason, item.attempt + 2)
-                todo.appendleft((item.job, item.attempt + 1))
+                todo.appendleft((self._again(item.job), item.attempt + 1))
             else:
                 end(item.job, JobFailure(item.job, item.reason))
 

@@ -18,7 +18,7 @@ import torch
 
 from .engine import NetStatus, Pack
 from .jobs import PackEvent, PackJob, WorkerInfo
-from .reportlog import LOG_BYTES, ReportLog
+from .reportlog import LOG_BYTES, ReportLog, read_events
 
 
 def _ram_bytes() -> int:
@@ -90,6 +90,12 @@ class PackRunner:
             log = None if ck is None else ReportLog(ck, 0)
         start = pack.step
         last_saved = start
+        if log is not None and ck is not None and job.resend_after is not None:
+            # Reports the lost worker emitted (and checkpointed) that never reached the driver; it drops
+            # any it did receive by step.
+            for old_ev in read_events(ck, job.pack_id):
+                if old_ev.report.step > job.resend_after:
+                    yield old_ev
         try:
             for report in pack.train():
                 ev = PackEvent(job.pack_id, report, self.name, start, time.perf_counter() - t0)

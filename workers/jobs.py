@@ -26,6 +26,10 @@ class PackJob:
     checkpoint: str | None = None
     """Path (shared by all nodes) of this pack's checkpoint file."""
     checkpoint_every: int = 200
+    resend_after: int | None = None
+    """A job run again after its worker was lost: the reports its checkpoint covers past this step (the last
+    one the driver received) are sent again from the report log, since the lost worker may have emitted them
+    without their reaching the driver. None: a first run, or a driver that reads the logs itself (resume)."""
     data: Any = field(default=None, compare=False, repr=False)
     """A dataset task's prepared arrays (a dict, see ``SplitArrays``), or a Ray ObjectRef to them: the driver
     reads the data once and ships it through Ray's object store. Never written to plan.json."""

@@ -122,3 +122,29 @@ def test_format_1_checkpoint_keeps_its_history(tmp_path: Path) -> None:
     rest = [ev.report for ev in PackRunner("cpu").train(j)]
     assert rest == ref[len(early):]
     assert [ev.report for ev in read_events(ck, "p")] == ref
+
+
+def test_reports_lost_in_flight_are_sent_again_on_rerun(tmp_path: Path) -> None:
+    """A worker checkpoints a report before it leaves; if the worker dies before the report reaches the
+    driver, the job run again (``resend_after`` = the last step the driver got) sends it from the log, so the
+    driver gets every step once it drops repeats (the preemption case: a node lost mid-stream)."""
+    j = job(tmp_path)
+    ref = uninterrupted(j)
+    gen = PackRunner("cpu").train(j)
+    emitted = [next(gen) for _ in range(9)]
+    gen.close()
+    received = emitted[:4]  # the last 5 were in flight when the node went away
+    last = received[-1].report.step
+    saved = Pack.load(j.checkpoint or "").step
+    assert saved > last  # the checkpoint covers reports the driver never got
+    again = list(PackRunner("cpu").train(replace(j, resend_after=last)))
+    got: dict[int, Report] = {}
+    for ev in received + again:
+        got.setdefault(ev.report.step, ev.report)
+    assert sorted(got) == [r.step for r in ref]
+    assert [got[r.step] for r in ref] == ref
+    # The rerun starts with exactly the reports the driver missed up to the checkpoint (from the log), then
+    # trains on from the checkpoint: without resend_after those steps would be lost.
+    missed = [r for r in ref if last < r.step <= saved]
+    assert missed and [ev.report for ev in again[:len(missed)]] == missed
+    assert again[len(missed)].report.step == saved + j.dynamics.eval_every
