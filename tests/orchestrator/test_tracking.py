@@ -26,6 +26,7 @@ from typing import Any
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from orchestrator.tracking import Tracker, TrackingError
 
@@ -438,3 +439,105 @@ def test_bulk_sql_only_on_a_tested_store_schema(sqlite_uri: str, caplog: pytest.
     notices = [r.getMessage() for r in caplog.records if "f00dfeedbeef" in r.getMessage()]
     assert len(notices) == 1 and "\n" not in notices[0]
     assert_history(MlflowClient(sqlite_uri), kid, 0, range(0, 30))
+
+
+def test_bulk_created_runs_read_back_like_mlflows_own(sqlite_uri: str) -> None:
+    """A child run the bulk SQL path creates reads back through MLflow exactly like one made by MLflow's
+    create_run + log_batch + set_terminated (the oracle), in get_run and in search_runs filters."""
+    client = MlflowClient(sqlite_uri)
+    tags = {"mfsweep.variant": "relu", "mlflow.user": "someone"}
+    params = {"width": 96, "lr": 0.1}
+    with Tracker(sqlite_uri, "oracle") as tr:
+        assert tr.uses_fast_sql
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        ours = tr.start_child(parent, "net5", "net-5", params, tags)
+        tr.log_metrics(ours, {"x": 1.0}, 3)
+        tr.end_run(ours, "FAILED")
+    theirs = client.create_run(tr.experiment_id, run_name="net-5",
+                               tags={**tags, "mfsweep.key": "net5", "mlflow.parentRunId": parent}).info.run_id
+    client.log_batch(theirs, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_metric(theirs, "x", 1.0, step=3)
+    client.set_terminated(theirs, "FAILED")
+    a, b = client.get_run(ours), client.get_run(theirs)
+    assert a.data.tags == b.data.tags
+    assert a.data.params == b.data.params
+    assert a.data.metrics == b.data.metrics
+    for field_name in ("status", "lifecycle_stage", "user_id", "run_name", "experiment_id"):
+        assert getattr(a.info, field_name) == getattr(b.info, field_name), field_name
+    assert a.info.artifact_uri == b.info.artifact_uri.replace(theirs, ours)
+    assert a.info.end_time is not None and a.info.start_time <= a.info.end_time
+    for filt in ("params.width = '96'", "attributes.run_name = 'net-5'", "tags.`mfsweep.variant` = 'relu'",
+                 "attributes.status = 'FAILED'", "metrics.x = 1.0", f"tags.mlflow.parentRunId = '{parent}'"):
+        assert {r.info.run_id for r in client.search_runs([tr.experiment_id], filt)} == {ours, theirs}, filt
+
+
+def test_latest_metric_follows_mlflows_rule(sqlite_uri: str) -> None:
+    """The UI's latest value (latest_metrics) after out-of-order steps, repeated steps, NaN and infinities is
+    what MLflow's own log_batch leaves (the oracle), on the bulk SQL path."""
+    seq = [(5, 1.0), (2, 7.0), (5, 0.5), (9, math.nan), (3, math.inf), (9, 2.0), (1, -math.inf)]
+    client = MlflowClient(sqlite_uri)
+    with Tracker(sqlite_uri, "latest") as tr:
+        assert tr.uses_fast_sql
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        ours = tr.start_child(parent, "a", "a", {}, {})
+        for key in ("a", "b", "c"):
+            for i, (step, v) in enumerate(seq if key == "a" else seq[::-1] if key == "b" else seq[3:]):
+                tr.log_metrics(ours, {key: v}, step, timestamp_ms=1000 + i)
+                if key != "c":  # "c" arrives in one write cycle, "a" and "b" one point per cycle
+                    tr.flush()
+    theirs = client.create_run(tr.experiment_id).info.run_id
+    for key in ("a", "b", "c"):
+        for i, (step, v) in enumerate(seq if key == "a" else seq[::-1] if key == "b" else seq[3:]):
+            client.log_batch(theirs, metrics=[Metric(key, v, 1000 + i, step)])
+    a, b = client.get_run(ours).data.metrics, client.get_run(theirs).data.metrics
+    assert a.keys() == b.keys() == {"a", "b", "c"}
+    for key in a:
+        assert (math.isnan(a[key]) and math.isnan(b[key])) or a[key] == b[key], key
+    for key in a:
+        ha = sorted((m.step, m.timestamp, str(m.value)) for m in client.get_metric_history(ours, key))
+        hb = sorted((m.step, m.timestamp, str(m.value)) for m in client.get_metric_history(theirs, key))
+        assert ha == hb, key
+
+
+def test_new_children_never_wait_on_the_store(sqlite_uri: str) -> None:
+    """start_child of new networks, their points and ends return while another connection holds the SQLite
+    store locked (the writer retries behind them); everything lands once the lock is released."""
+    import sqlite3
+
+    tr = Tracker(sqlite_uri, "nowait", flush_interval_s=0.05)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+    tr.flush()
+    lock = sqlite3.connect(sqlite_uri.removeprefix("sqlite:///"), timeout=1)
+    lock.execute("BEGIN EXCLUSIVE")
+    kids: list[str] = []
+
+    def report_path() -> None:
+        for i in range(50):
+            kid = tr.start_child(parent, f"n{i}", f"n{i}", {"w": i}, {"v": "relu"})
+            tr.log_metrics(kid, {"x": float(i)}, 1)
+            tr.end_run(kid)
+            kids.append(kid)
+
+    t = threading.Thread(target=report_path)
+    t.start()
+    t.join(timeout=60)
+    try:
+        assert not t.is_alive(), "start_child waited on the locked store"
+        assert len(kids) == 50
+    finally:
+        lock.rollback()
+        lock.close()
+    tr.close()
+    client = MlflowClient(sqlite_uri)
+    runs = client.search_runs([tr.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
+    assert sorted(r.data.tags["mfsweep.key"] for r in runs) == sorted(f"n{i}" for i in range(50))
+    assert all(r.info.status == "FINISHED" and r.data.metrics["x"] == float(r.data.params["w"]) for r in runs)
+
+
+def test_bad_param_fails_at_start_child(sqlite_uri: str) -> None:
+    with Tracker(sqlite_uri, "badparam") as tr:
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        with pytest.raises(ValueError, match="param name"):
+            tr.start_child(parent, "a", "a", {"bad key!": 1}, {})
+        with pytest.raises(ValueError, match="6000"):
+            tr.start_child(parent, "a", "a", {"long": "x" * 6001}, {})
