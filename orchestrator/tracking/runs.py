@@ -67,6 +67,11 @@ class RunBook:
     def floors(self, run_id: str) -> dict[str, int] | None:
         return self._floors.get(run_id)
 
+    def known_child(self, parent_id: str, key: str) -> str | None:
+        """The run of ``key`` if this session started it already."""
+        with self._lock:
+            return self._children.get(parent_id, {}).get(key)
+
     def stored_steps(self, run_id: str) -> Mapping[str, int]:
         return dict(self._floors.get(run_id, {}))
 

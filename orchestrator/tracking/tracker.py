@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,6 +36,15 @@ from .stores import ClientStore, RestStore, Store
 from .writer import Writer, call_with_retry
 
 _PROBE_TIMEOUT_S = 5
+MEMBER_SEP = "#"
+"""Separates a group run's id from a member's name in the handle ``start_member`` returns."""
+
+
+@dataclass
+class _Group:
+    run_id: str
+    members: int
+    ended: dict[str, str] = field(default_factory=dict)
 
 
 class Tracker:
@@ -91,6 +102,8 @@ class Tracker:
         self.experiment_id = str(exp.experiment_id)
         self.experiment_name = experiment
         self._valid_keys: set[str] = set()
+        self._groups: dict[str, _Group] = {}  # group run id -> members and their ends (group granularity)
+        self._groups_lock = threading.Lock()
 
         store: Store = RestStore(tracking_uri) if is_http else ClientStore(self._client)
         bulk: BulkSqlStore | None = None
@@ -187,15 +200,50 @@ class Tracker:
         """
         return self._runs.start_child(parent_id, key, run_name, params, tags)
 
+    def start_member(self, parent_id: str, group_key: str, group_name: str, member: str, members: int,
+                     params: Mapping[str, object], tags: Mapping[str, str]) -> str:
+        """Group granularity (``tracking.runs: group``): one child run per group (e.g. variant x width) holds
+        the curves of its ``members`` networks (e.g. seeds) as metric keys ``<member>/<key>``.
+
+        Returns a handle for ``log_metrics``/``set_tags``/``end_run`` of this member: its metric and tag keys
+        get the ``<member>/`` prefix; the group run is created (or reused, like ``start_child``) with
+        ``params``/``tags`` at its first member, and ends when all ``members`` members ended: FAILED if one
+        failed, else KILLED if one was, else FINISHED.
+        """
+        why = metric_name_error(member) if member and MEMBER_SEP not in member else f"not empty, no {MEMBER_SEP!r}"
+        if why is not None or members < 1:
+            raise ValueError(f"invalid group member {member!r} of {members}: {why or 'members must be >= 1'}")
+        with self._groups_lock:
+            run_id = self._runs.known_child(parent_id, group_key)
+            if run_id is None or run_id not in self._groups:
+                run_id = self._runs.start_child(parent_id, group_key, group_name, params,
+                                                {**tags, "mfsweep.members": str(members)})
+                self._groups[run_id] = _Group(run_id, members)
+        return f"{run_id}{MEMBER_SEP}{member}"
+
     def stored_steps(self, run_id: str) -> Mapping[str, int]:
-        """Largest step stored per metric when ``run_id`` was reused (empty for new runs)."""
+        """Largest step stored per metric when ``run_id`` was reused (empty for new runs); for a member
+        handle, its own metrics (keys without the member prefix)."""
+        if MEMBER_SEP in run_id:
+            rid, member = run_id.split(MEMBER_SEP, 1)
+            prefix = f"{member}/"
+            return {k.removeprefix(prefix): v for k, v in self._runs.stored_steps(rid).items()
+                    if k.startswith(prefix)}
         return self._runs.stored_steps(run_id)
+
+    @staticmethod
+    def _member(run_id: str, items: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """(run id, keys with the member's prefix) for a member handle; unchanged for a run id."""
+        if MEMBER_SEP not in run_id:
+            return run_id, dict(items)
+        rid, member = run_id.split(MEMBER_SEP, 1)
+        return rid, {f"{member}/{k}": v for k, v in items.items()}
 
     # ------------------------------------------------------------------ enqueue
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
                     timestamp_ms: int | None = None) -> None:
         """Enqueue one point per metric at ``step``. NaN and +-inf are allowed."""
-        values = {str(k): float(v) for k, v in metrics.items()}
+        run_id, values = self._member(run_id, {str(k): float(v) for k, v in metrics.items()})
         for k in values:
             if k not in self._valid_keys:
                 why = metric_name_error(k)
@@ -221,12 +269,23 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, object]) -> None:
         """Enqueue tags (stringified); a later value overwrites an earlier one."""
         if tags:
-            self._writer.enqueue(TagsOp(run_id, {str(k): str(v) for k, v in tags.items()}))
+            run_id, str_tags = self._member(run_id, {str(k): str(v) for k, v in tags.items()})
+            self._writer.enqueue(TagsOp(run_id, str_tags))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Enqueue the run's end; applied after everything enqueued for it before."""
         if status not in ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"unknown MLflow run status {status!r}; use FINISHED, FAILED or KILLED")
+        if MEMBER_SEP in run_id:  # a group member: the group run ends with its last member
+            rid, member = run_id.split(MEMBER_SEP, 1)
+            with self._groups_lock:
+                group = self._groups[rid]
+                group.ended[member] = status
+                if len(group.ended) < group.members:
+                    return
+                ends = set(group.ended.values())
+            status = next((s for s in ("FAILED", "KILLED") if s in ends), "FINISHED")
+            run_id = rid
         self._writer.enqueue(EndOp(run_id, status, now_ms()))
 
     # ------------------------------------------------------------------ artifacts (synchronous)

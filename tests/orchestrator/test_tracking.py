@@ -541,3 +541,49 @@ def test_bad_param_fails_at_start_child(sqlite_uri: str) -> None:
             tr.start_child(parent, "a", "a", {"bad key!": 1}, {})
         with pytest.raises(ValueError, match="6000"):
             tr.start_child(parent, "a", "a", {"long": "x" * 6001}, {})
+
+
+def test_group_runs_hold_their_members_curves(sqlite_uri: str) -> None:
+    """tracking.runs=group: one child run per group, each member's curve under its own metric keys; the group
+    run ends with its last member (FAILED if one failed); a resumed session reuses the group run and drops
+    the steps it already holds."""
+    client = MlflowClient(sqlite_uri)
+    tr = Tracker(sqlite_uri, "groups", flush_interval_s=0.05)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "g"})
+    handles = {(w, r): tr.start_member(parent, f"relu-w{w}", f"relu w={w}", f"seed{r}", 3, {"width": w}, {})
+               for w in (8, 16) for r in range(3)}
+    assert len({h.split("#")[0] for h in handles.values()}) == 2
+    for (w, r), h in handles.items():
+        for step in range(10):
+            tr.log_metrics(h, {"test_loss": w + r + step / 10}, step)
+        tr.set_tags(h, {"mfsweep.status": "finished"})
+    for r in range(2):
+        tr.end_run(handles[(8, r)])
+    tr.end_run(handles[(16, 0)], "FAILED")
+    tr.flush()
+    g8, g16 = handles[(8, 0)].split("#")[0], handles[(16, 0)].split("#")[0]
+    assert client.get_run(g8).info.status == "RUNNING"  # one member still training
+    tr.end_run(handles[(8, 2)])
+    tr.end_run(handles[(16, 1)])
+    tr.end_run(handles[(16, 2)])
+    tr.close()
+    run8 = client.get_run(g8)
+    assert run8.info.status == "FINISHED" and client.get_run(g16).info.status == "FAILED"
+    assert run8.data.params == {"width": "8"} and run8.data.tags["seed1/mfsweep.status"] == "finished"
+    assert set(run8.data.metrics) == {f"seed{r}/test_loss" for r in range(3)}
+    for r in range(3):
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(g8, f"seed{r}/test_loss"))
+        assert hist == [(s, 8 + r + s / 10) for s in range(10)]
+    assert len(client.search_runs([tr.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 2
+
+    tr = Tracker(sqlite_uri, "groups")
+    assert tr.start_parent("p", {}, {"mfsweep.sweep_key": "g"}) == parent
+    again = tr.start_member(parent, "relu-w8", "relu w=8", "seed1", 3, {"width": 8}, {})
+    assert again.split("#")[0] == g8
+    assert tr.stored_steps(again) == {"test_loss": 9}
+    for step in range(12):
+        tr.log_metrics(again, {"test_loss": 9 + step / 10}, step)
+    tr.close()
+    assert tr.stats.points_skipped == 10 and tr.stats.points_logged == 2
+    with Tracker(sqlite_uri, "groups") as tr, pytest.raises(ValueError, match="member"):
+        tr.start_member(parent, "relu-w8", "relu w=8", "bad#seed", 3, {}, {})
