@@ -16,6 +16,7 @@ Last line of stdout is one JSON object:
     networks, workers, points            sizes (points: curve + final metric points)
     driver_s_per_network                 main-thread time spent in the driver calls above, per network
                                          (the report path; the writer thread's time is not in it)
+    fsync_s_per_network                  the part of it spent in fsync of results.jsonl
     wall_s, wall_s_per_network           first event to close() returned (everything stored)
     points_per_s                         points / wall_s (sustained into the store, writer included)
     peak_rss_mb                          peak resident memory of the whole process (driver + fake workers)
@@ -78,7 +79,7 @@ def drive(uri: str, networks: int, workers: int, reports: int, interval_s: float
                for w in range(workers)]
     child: dict[int, str] = {}
     results = (out_dir / "results.jsonl").open("a")
-    driver_s = 0.0
+    driver_s = fsync_s = 0.0
     points = 0
     t0 = time.perf_counter()
     for t in threads:
@@ -107,7 +108,9 @@ def drive(uri: str, networks: int, workers: int, reports: int, interval_s: float
             for n in nets:
                 results.write(json.dumps({"net_id": n, "status": "finished", "step": step}) + "\n")
                 results.flush()
+                f0 = time.perf_counter()
                 os.fsync(results.fileno())
+                fsync_s += time.perf_counter() - f0
                 run = child[n]
                 tr.log_metrics(run, {"wall_time_s": 1.0, "final_step": float(step), "stop_step": float(step),
                                      "final_test_loss": curve(n, step)}, step)
@@ -125,6 +128,7 @@ def drive(uri: str, networks: int, workers: int, reports: int, interval_s: float
     check = readback(uri, tr.experiment_id, parent, child, reports)
     return {"networks": networks, "workers": workers, "reports": reports, "points": points,
             "driver_s_per_network": round(driver_s / networks, 6), "driver_s": round(driver_s, 3),
+            "fsync_s_per_network": round(fsync_s / networks, 6),
             "close_s": round(close_s, 3), "wall_s": round(wall, 3), "wall_s_per_network": round(wall / networks, 6),
             "points_per_s": round(points / wall), "peak_rss_mb": round(rss_mb, 1), **check,
             "uri": uri.split("@")[-1]}
