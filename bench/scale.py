@@ -25,7 +25,8 @@ Last line of stdout is one JSON object:
                                          the sample, plus latest_metrics of every run), readback_ok: every
                                          sampled history complete and once, every run FINISHED with the last
                                          curve value as its latest test_loss
-With --postgres the store is a throwaway PostgreSQL database (tests/conftest.py's pg_cluster) reached directly;
+With --postgres the store is a throwaway PostgreSQL database (tests/conftest.py's pg_cluster) reached directly,
+with --server a real `mlflow server` on one (tests/deploy/test_services.py's MlflowServer);
 ``--uri`` takes any tracking URI (e.g. an ``http://`` mlflow server).
 """
 
@@ -186,6 +187,21 @@ def postgres_uri() -> Iterator[str]:
         yield f"{base}/scale".replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
+@contextlib.contextmanager
+def server_uri(root: Path) -> Iterator[str]:
+    """A real `mlflow server` on a throwaway PostgreSQL (tests/deploy/test_services.py's helpers)."""
+    from tests.deploy.test_services import MlflowServer, psycopg_url
+
+    with postgres_uri() as db:
+        server = MlflowServer(psycopg_url(db.replace("postgresql+psycopg2://", "postgresql://", 1)),
+                              root / "artifacts", root / "server.log")
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--networks", type=int, default=1000)
@@ -193,6 +209,7 @@ def main() -> None:
     ap.add_argument("--reports", type=int, default=20, help="curve points per network")
     ap.add_argument("--interval-s", type=float, default=0.0, help="seconds between a worker's reports")
     ap.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL store")
+    ap.add_argument("--server", action="store_true", help="a real `mlflow server` on a throwaway PostgreSQL")
     ap.add_argument("--uri", help="any tracking URI (default: a fresh SQLite store)")
     args = ap.parse_args()
     if args.networks < args.workers or args.workers < 1 or args.reports < 1:
@@ -201,8 +218,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mfsweep-scale-") as tmp:
         out = Path(tmp)
         with contextlib.ExitStack() as stack:
-            uri = args.uri or (stack.enter_context(postgres_uri()) if args.postgres
-                               else f"sqlite:///{out / 'mlflow.db'}")
+            if args.uri:
+                uri = args.uri
+            elif args.server:
+                uri = stack.enter_context(server_uri(out))
+            elif args.postgres:
+                uri = stack.enter_context(postgres_uri())
+            else:
+                uri = f"sqlite:///{out / 'mlflow.db'}"
             res = drive(uri, args.networks, args.workers, args.reports, args.interval_s, out)
     res["uptime"] = load
     print(json.dumps(res))
