@@ -52,7 +52,8 @@ class Tracker:
 
     Invariants:
         * ``log_metrics``/``log_params``/``set_tags``/``end_run`` only enqueue; they never wait on I/O
-          (the queue is unbounded: memory grows while the store is down). So does ``start_child`` of a new
+          (past ``max_queued`` queued calls they wait for the writer while the store is up, never during an
+          outage: then memory grows until ``retry_max_s``). So does ``start_child`` of a new
           network on a bulk SQL store (the writer creates the run); elsewhere it makes one ``create_run`` call.
         * An ``end_run`` is applied after every point, param and tag of that run enqueued before it; a
           later tag value overwrites an earlier one; a changed param value is rejected by MLflow (reported).
@@ -67,18 +68,21 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str, *, flush_interval_s: float = 0.5,
-                 max_batch: int = 1000, retry_max_s: float = 600.0, fast_sql: bool | None = None,
+                 max_batch: int = 1000, retry_max_s: float = 600.0, max_queued: int = 200_000,
+                 fast_sql: bool | None = None,
                  artifact_location: str | None = None, experiment_tags: Mapping[str, str] | None = None) -> None:
         """Connect (fail fast if unreachable), create/get ``experiment`` and start the writer thread.
 
+        ``max_queued``: calls wait for the writer once this many are queued while the store is up (bounded
+        memory when the store is slower than the workers; never during an outage).
         ``fast_sql``: bulk SQL writes into a SQLite/PostgreSQL store (default: on for those; False forces
         MlflowClient). ``artifact_location`` for a newly created experiment; for SQLite stores it defaults to
         ``mlartifacts/`` next to the database file instead of MLflow's ``./mlruns`` in the current directory.
         ``experiment_tags`` are set on a newly created experiment (e.g. its description,
         ``mlflow.note.content``); every experiment gets the model-training kind tag unless it has a kind.
         """
-        if flush_interval_s <= 0 or max_batch <= 0 or retry_max_s < 0:
-            raise ValueError("flush_interval_s and max_batch must be > 0 and retry_max_s >= 0")
+        if flush_interval_s <= 0 or max_batch <= 0 or retry_max_s < 0 or max_queued <= 0:
+            raise ValueError("flush_interval_s, max_batch and max_queued must be > 0 and retry_max_s >= 0")
         self.tracking_uri = tracking_uri
         self._retry_max_s = retry_max_s
         scheme = urlparse(tracking_uri).scheme.lower()
@@ -112,7 +116,7 @@ class Tracker:
                                      lambda run_id: self._runs.owned(run_id), self.experiment_id,
                                      str(exp.artifact_location))
         self._writer = Writer(bulk or store, tracking_uri, flush_interval_s=flush_interval_s, max_batch=max_batch,
-                              retry_max_s=retry_max_s)
+                              retry_max_s=retry_max_s, max_queued=max_queued)
         self._runs = RunBook(self._client, self.experiment_id, self._writer, self._call)
 
     # ------------------------------------------------------------------ connection

@@ -62,8 +62,12 @@ class Writer:
     """
 
     def __init__(self, store: Store, tracking_uri: str, *, flush_interval_s: float, max_batch: int,
-                 retry_max_s: float) -> None:
+                 retry_max_s: float, max_queued: int = 200_000) -> None:
         self.store = store
+        # Backpressure: while the store is up but slower than the callers, enqueue waits once this many ops
+        # queue up, so the driver's memory is bounded by what is in flight (two cycles' worth at most), not
+        # by the sweep's size. During an outage it never waits: the queue grows until retry_max_s.
+        self._max_queued = max_queued
         self._uri = tracking_uri
         self._flush_interval_s = flush_interval_s
         self._max_batch = max_batch
@@ -85,6 +89,8 @@ class Writer:
         self._batches = 0
         self._retries = 0
         self._outage_since: float | None = None
+        self.waits = 0
+        """Times a caller waited for the writer (the queue was at max_queued)."""
         self._thread = threading.Thread(target=self._run, name="mfsweep-mlflow-writer", daemon=True)
         self._thread.start()
 
@@ -98,6 +104,11 @@ class Writer:
     def enqueue(self, op: Op, n_points: int = 0) -> None:
         with self._cv:
             self.check_usable()
+            while (len(self._ops) >= self._max_queued and self._outage_since is None and not self._closing
+                   and self._broken is None and self._thread.is_alive()):
+                self.waits += 1
+                self._cv.notify_all()
+                self._cv.wait()
             self._ops.append(op)
             self._seq_enqueued += 1
             # Points and other ops both fill a batch: a burst of run creations is written without waiting.
@@ -176,6 +187,7 @@ class Writer:
                     self._cv.wait(remaining)
                 ops, self._ops = self._ops, []
                 self._queued = 0
+                self._cv.notify_all()  # callers held back by max_queued
                 last_seq = self._seq_enqueued
                 closing = self._closing
             if ops:
@@ -229,6 +241,7 @@ class Writer:
                     first = self._outage_since is None
                     if first:
                         self._outage_since = now
+                        self._cv.notify_all()  # held-back callers may queue again: we buffer outages
                     since = self._outage_since
                     pending = self._points_enqueued - self._points_logged - self._points_lost
                 assert since is not None

@@ -587,3 +587,74 @@ def test_group_runs_hold_their_members_curves(sqlite_uri: str) -> None:
     assert tr.stats.points_skipped == 10 and tr.stats.points_logged == 2
     with Tracker(sqlite_uri, "groups") as tr, pytest.raises(ValueError, match="member"):
         tr.start_member(parent, "relu-w8", "relu w=8", "bad#seed", 3, {}, {})
+
+
+class _GatedStore:
+    """A store whose writes wait for ``gate``; ``fail`` makes them raise a transient error (an outage)."""
+
+    name = "gated"
+    creates_runs = False
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.fail = False
+        self.writing = threading.Event()
+        self.failed = threading.Event()
+        self.written = 0
+
+    def plan(self, seg: Any) -> list[Any]:
+        from orchestrator.tracking.common import Step
+
+        def write() -> None:
+            self.writing.set()
+            self.gate.wait()
+            if self.fail:
+                self.failed.set()
+                raise OSError("Connection refused")
+            self.written += len(seg.points)
+
+        return [Step("points", sum(len(op.metrics) for op in seg.points), write)]
+
+    def close(self) -> None:
+        pass
+
+
+def test_queue_is_bounded_while_the_store_is_up_not_during_an_outage() -> None:
+    from orchestrator.tracking.common import MetricsOp
+    from orchestrator.tracking.writer import Writer
+
+    store = _GatedStore()
+    w = Writer(store, "fake://", flush_interval_s=0.01, max_batch=1, retry_max_s=20, max_queued=5)
+    w.enqueue(MetricsOp("r", {"x": 0.0}, 0, 0), 1)
+    assert store.writing.wait(30)  # the writer holds op 0 in a write that waits for the gate
+    done = threading.Event()
+
+    def caller() -> None:
+        for step in range(1, 21):
+            w.enqueue(MetricsOp("r", {"x": 0.0}, step, 0), 1)
+        done.set()
+
+    t = threading.Thread(target=caller)
+    t.start()
+    deadline = time.monotonic() + 30
+    while w.waits == 0 and time.monotonic() < deadline:  # wait for the observable event: a caller held back
+        time.sleep(0.01)
+    assert w.waits >= 1 and not done.is_set()
+    assert w.stats.pending == 1 + 5  # the point in the write, and exactly the bound queued
+    store.gate.set()
+    assert done.wait(30)
+    w.flush(timeout=30)
+    assert store.written == 21
+
+    # An outage: the write fails (transient), and callers are never held back while it lasts.
+    store.gate.clear()
+    store.fail = True
+    w.enqueue(MetricsOp("r", {"x": 0.0}, 100, 0), 1)
+    store.gate.set()
+    assert store.failed.wait(30)
+    for step in range(101, 131):
+        w.enqueue(MetricsOp("r", {"x": 0.0}, step, 0), 1)  # would block at 5 if the bound applied
+    assert w.stats.pending == 31
+    store.fail = False
+    w.close()
+    assert store.written == 21 + 31
