@@ -21,8 +21,8 @@ Last line of stdout is one JSON object:
     points_per_s                         points / wall_s (sustained into the store, writer included)
     peak_rss_mb                          peak resident memory of the whole process (driver + fake workers)
     readback_runs, readback_unique       child runs MLflow lists under the parent, and distinct keys among them
-    readback_points                      points read back (metric histories of a sample of runs, scaled by
-                                         the sample, plus latest_metrics of every run), readback_ok: every
+    readback_*                           what MLflow gives back: child runs and distinct keys, latest_metrics of
+                                         every run, full histories of --sample-runs runs; readback_ok: every
                                          sampled history complete and once, every run FINISHED with the last
                                          curve value as its latest test_loss
 With --postgres the store is a throwaway PostgreSQL database (tests/conftest.py's pg_cluster) reached directly,
@@ -68,7 +68,8 @@ def fake_worker(w: int, nets: list[int], reports: int, interval_s: float, out: q
     out.put(("done", w, 0, []))
 
 
-def drive(uri: str, networks: int, workers: int, reports: int, interval_s: float, out_dir: Path) -> dict[str, Any]:
+def drive(uri: str, networks: int, workers: int, reports: int, interval_s: float, out_dir: Path,
+          sample: int = 50) -> dict[str, Any]:
     from orchestrator.tracking import Tracker
 
     exp = f"scale-{networks}-{workers}-{int(time.time())}"
@@ -126,16 +127,18 @@ def drive(uri: str, networks: int, workers: int, reports: int, interval_s: float
     close_s = time.perf_counter() - a
     results.close()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    check = readback(uri, tr.experiment_id, parent, child, reports)
-    return {"networks": networks, "workers": workers, "reports": reports, "points": points,
+    res = {"networks": networks, "workers": workers, "reports": reports, "points": points,
             "driver_s_per_network": round(driver_s / networks, 6), "driver_s": round(driver_s, 3),
             "fsync_s_per_network": round(fsync_s / networks, 6),
             "close_s": round(close_s, 3), "wall_s": round(wall, 3), "wall_s_per_network": round(wall / networks, 6),
-            "points_per_s": round(points / wall), "peak_rss_mb": round(rss_mb, 1), **check,
+            "points_per_s": round(points / wall), "peak_rss_mb": round(rss_mb, 1),
             "uri": uri.split("@")[-1]}
+    print(json.dumps(res), file=sys.stderr, flush=True)  # before the read-back, which is slow at 100k
+    return {**res, **readback(uri, tr.experiment_id, parent, child, reports, sample)}
 
 
-def readback(uri: str, experiment_id: str, parent: str, child: dict[int, str], reports: int) -> dict[str, Any]:
+def readback(uri: str, experiment_id: str, parent: str, child: dict[int, str], reports: int,
+             sample_size: int) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -159,7 +162,7 @@ def readback(uri: str, experiment_id: str, parent: str, child: dict[int, str], r
             ok = False
         else:
             latest += len(r.data.metrics)
-    sample = random.Random(0).sample(sorted(child), min(50, len(child)))
+    sample = random.Random(0).sample(sorted(child), min(sample_size, len(child)))
     hist_points = 0
     for n in sample:
         for m in METRICS:
@@ -208,6 +211,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=10)
     ap.add_argument("--reports", type=int, default=20, help="curve points per network")
     ap.add_argument("--interval-s", type=float, default=0.0, help="seconds between a worker's reports")
+    ap.add_argument("--sample-runs", type=int, default=50, help="runs whose full histories are read back")
     ap.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL store")
     ap.add_argument("--server", action="store_true", help="a real `mlflow server` on a throwaway PostgreSQL")
     ap.add_argument("--uri", help="any tracking URI (default: a fresh SQLite store)")
@@ -226,7 +230,7 @@ def main() -> None:
                 uri = stack.enter_context(postgres_uri())
             else:
                 uri = f"sqlite:///{out / 'mlflow.db'}"
-            res = drive(uri, args.networks, args.workers, args.reports, args.interval_s, out)
+            res = drive(uri, args.networks, args.workers, args.reports, args.interval_s, out, args.sample_runs)
     res["uptime"] = load
     print(json.dumps(res))
 
