@@ -6,8 +6,8 @@
   restarted server is picked up within seconds); reached only through :mod:`orchestrator.libcompat`.
 * :class:`~orchestrator.tracking.sqlstore.BulkSqlStore`: guarded bulk SQL into SQLite/PostgreSQL stores.
 
-Per run, one ``log_batch`` call carries its params and tags with its first metrics (MLflow's limits per call:
-1000 metrics, 100 params, 100 tags), so a network's bookkeeping costs one request, not two.
+Per run, one ``log_batch`` call carries its tags with its first metrics (MLflow's limits per call: 1000 metrics,
+100 params, 100 tags); params go in calls of their own, so a rejected (changed) param takes nothing with it.
 """
 
 from __future__ import annotations
@@ -77,13 +77,18 @@ class _PerRunStore:
         for run_id, metrics in per_run.items():
             params = [Param(k, v) for k, v in params_of.get(run_id, {}).items()]
             tags = [RunTag(k, v) for k, v in tags_of.get(run_id, {}).items()]
-            n_calls = max(1, -(-len(metrics) // MAX_METRICS_PER_CALL),
-                          -(-len(params) // MAX_PARAMS_TAGS_PER_CALL), -(-len(tags) // MAX_PARAMS_TAGS_PER_CALL))
+            # MLflow rejects a whole log_batch over one changed param: params go alone, never with points/tags.
+            for i in range(0, len(params), MAX_PARAMS_TAGS_PER_CALL):
+                steps.append(Step(f"params of run {run_id}", 0, partial(
+                    self.log_batch, run_id, [], params[i:i + MAX_PARAMS_TAGS_PER_CALL], [])))
+            params = []
+            n_calls = max(-(-len(metrics) // MAX_METRICS_PER_CALL), -(-len(params) // MAX_PARAMS_TAGS_PER_CALL),
+                          -(-len(tags) // MAX_PARAMS_TAGS_PER_CALL))
             for i in range(n_calls):
                 m = metrics[i * MAX_METRICS_PER_CALL:(i + 1) * MAX_METRICS_PER_CALL]
                 p = params[i * MAX_PARAMS_TAGS_PER_CALL:(i + 1) * MAX_PARAMS_TAGS_PER_CALL]
                 t = tags[i * MAX_PARAMS_TAGS_PER_CALL:(i + 1) * MAX_PARAMS_TAGS_PER_CALL]
-                what = f"metrics of run {run_id}" if m else f"params/tags of run {run_id}"
+                what = f"metrics of run {run_id}" if m else f"tags of run {run_id}"
                 steps.append(Step(what, len(m), partial(self.log_batch, run_id, m, p, t)))
         for end in ends:
             steps.append(Step(f"end of run {end.run_id}", 0, partial(self.end, end)))

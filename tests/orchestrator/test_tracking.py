@@ -658,3 +658,22 @@ def test_queue_is_bounded_while_the_store_is_up_not_during_an_outage() -> None:
     store.fail = False
     w.close()
     assert store.written == 21 + 31
+
+
+@pytest.mark.parametrize("fast_sql", [True, False])
+def test_rejected_param_takes_no_points_with_it(sqlite_uri: str, fast_sql: bool) -> None:
+    """A changed param in the same write cycle as the run's points: MLflow rejects the param (reported), the
+    points are still written (params never share a log_batch call with points)."""
+    tr = Tracker(sqlite_uri, "param-vs-points", fast_sql=fast_sql, flush_interval_s=10.0)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+    kid = tr.start_child(parent, "a", "a", {"w": 1}, {})
+    tr.flush()
+    tr.log_metrics(kid, {"x": 1.0}, 0)
+    tr.log_params(kid, {"w": 2})
+    tr.set_tags(kid, {"t": "v"})
+    with pytest.raises(TrackingError, match="rejected"):
+        tr.flush(timeout=30)
+    tr.close()
+    assert (tr.stats.points_logged, tr.stats.points_lost) == (1, 0)
+    run = MlflowClient(sqlite_uri).get_run(kid)
+    assert run.data.metrics == {"x": 1.0} and run.data.params == {"w": "1"} and run.data.tags["t"] == "v"
