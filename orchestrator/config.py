@@ -353,6 +353,21 @@ class ExecutionConfig(Strict):
         return self
 
 
+class TrackingConfig(Strict):
+    runs: Literal["network", "group"] = "network"
+    """MLflow child runs: network (one per network: its own curves, params and status) | group (one per
+    variant x width, each seed's curves as metric keys ``seed<r>/<key>``: a 100k-network sweep stays a few
+    thousand runs in the MLflow UI). See README, "Very large sweeps"."""
+
+    @model_validator(mode="after")
+    def _group_not_wired(self) -> TrackingConfig:
+        # The tracker side exists (Tracker.start_member); until scaling/search log through it, group would be
+        # silently ignored. Whoever wires the drivers removes this check.
+        if self.runs == "group":
+            raise ValueError("tracking.runs=group is not used by mfsweep scaling/search yet; use network")
+        return self
+
+
 class ScalingConfig(Strict):
     name: str = Field("sweep", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Sweep name: the MLflow experiment and the output folder prefix."""
@@ -361,6 +376,7 @@ class ScalingConfig(Strict):
     dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def variant_configs(self) -> list[tuple[str, ScalingConfig]]:
         """(name, resolved config) per variant; a variant's config has no variants of its own."""

@@ -178,3 +178,9 @@ def test_variant_dtype_is_used_end_to_end() -> None:
         want, other = (f64, f32) if n.variant == "f64" else (f32, f64)
         assert got == pytest.approx(want, rel=1e-9 if n.variant == "f64" else 1e-6), n.key
         assert abs(got - want) < abs(got - other), n.key
+
+
+def test_tracking_runs_group_is_refused_until_the_drivers_use_it() -> None:
+    assert cfgmod.load(None, ["tracking.runs=network"]).tracking.runs == "network"
+    with pytest.raises(cfgmod.ConfigError, match=r"tracking\.runs=group is not used"):
+        cfgmod.load(None, ["tracking.runs=group"])

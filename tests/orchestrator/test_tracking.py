@@ -26,6 +26,7 @@ from typing import Any
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from orchestrator.tracking import Tracker, TrackingError
 
@@ -438,3 +439,241 @@ def test_bulk_sql_only_on_a_tested_store_schema(sqlite_uri: str, caplog: pytest.
     notices = [r.getMessage() for r in caplog.records if "f00dfeedbeef" in r.getMessage()]
     assert len(notices) == 1 and "\n" not in notices[0]
     assert_history(MlflowClient(sqlite_uri), kid, 0, range(0, 30))
+
+
+def test_bulk_created_runs_read_back_like_mlflows_own(sqlite_uri: str) -> None:
+    """A child run the bulk SQL path creates reads back through MLflow exactly like one made by MLflow's
+    create_run + log_batch + set_terminated (the oracle), in get_run and in search_runs filters."""
+    client = MlflowClient(sqlite_uri)
+    tags = {"mfsweep.variant": "relu", "mlflow.user": "someone"}
+    params = {"width": 96, "lr": 0.1}
+    with Tracker(sqlite_uri, "oracle") as tr:
+        assert tr.uses_fast_sql
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        ours = tr.start_child(parent, "net5", "net-5", params, tags)
+        tr.log_metrics(ours, {"x": 1.0}, 3)
+        tr.end_run(ours, "FAILED")
+    theirs = client.create_run(tr.experiment_id, run_name="net-5",
+                               tags={**tags, "mfsweep.key": "net5", "mlflow.parentRunId": parent}).info.run_id
+    client.log_batch(theirs, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_metric(theirs, "x", 1.0, step=3)
+    client.set_terminated(theirs, "FAILED")
+    a, b = client.get_run(ours), client.get_run(theirs)
+    assert a.data.tags == b.data.tags
+    assert a.data.params == b.data.params
+    assert a.data.metrics == b.data.metrics
+    for field_name in ("status", "lifecycle_stage", "user_id", "run_name", "experiment_id"):
+        assert getattr(a.info, field_name) == getattr(b.info, field_name), field_name
+    assert a.info.artifact_uri == b.info.artifact_uri.replace(theirs, ours)
+    assert a.info.end_time is not None and a.info.start_time <= a.info.end_time
+    for filt in ("params.width = '96'", "attributes.run_name = 'net-5'", "tags.`mfsweep.variant` = 'relu'",
+                 "attributes.status = 'FAILED'", "metrics.x = 1.0", f"tags.mlflow.parentRunId = '{parent}'"):
+        assert {r.info.run_id for r in client.search_runs([tr.experiment_id], filt)} == {ours, theirs}, filt
+
+
+def test_latest_metric_follows_mlflows_rule(sqlite_uri: str) -> None:
+    """The UI's latest value (latest_metrics) after out-of-order steps, repeated steps, NaN and infinities is
+    what MLflow's own log_batch leaves (the oracle), on the bulk SQL path."""
+    seq = [(5, 1.0), (2, 7.0), (5, 0.5), (9, math.nan), (3, math.inf), (9, 2.0), (1, -math.inf)]
+    client = MlflowClient(sqlite_uri)
+    with Tracker(sqlite_uri, "latest") as tr:
+        assert tr.uses_fast_sql
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        ours = tr.start_child(parent, "a", "a", {}, {})
+        for key in ("a", "b", "c"):
+            for i, (step, v) in enumerate(seq if key == "a" else seq[::-1] if key == "b" else seq[3:]):
+                tr.log_metrics(ours, {key: v}, step, timestamp_ms=1000 + i)
+                if key != "c":  # "c" arrives in one write cycle, "a" and "b" one point per cycle
+                    tr.flush()
+    theirs = client.create_run(tr.experiment_id).info.run_id
+    for key in ("a", "b", "c"):
+        for i, (step, v) in enumerate(seq if key == "a" else seq[::-1] if key == "b" else seq[3:]):
+            client.log_batch(theirs, metrics=[Metric(key, v, 1000 + i, step)])
+    a, b = client.get_run(ours).data.metrics, client.get_run(theirs).data.metrics
+    assert a.keys() == b.keys() == {"a", "b", "c"}
+    for key in a:
+        assert (math.isnan(a[key]) and math.isnan(b[key])) or a[key] == b[key], key
+    for key in a:
+        ha = sorted((m.step, m.timestamp, str(m.value)) for m in client.get_metric_history(ours, key))
+        hb = sorted((m.step, m.timestamp, str(m.value)) for m in client.get_metric_history(theirs, key))
+        assert ha == hb, key
+
+
+def test_new_children_never_wait_on_the_store(sqlite_uri: str) -> None:
+    """start_child of new networks, their points and ends return while another connection holds the SQLite
+    store locked (the writer retries behind them); everything lands once the lock is released."""
+    import sqlite3
+
+    tr = Tracker(sqlite_uri, "nowait", flush_interval_s=0.05)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+    tr.flush()
+    lock = sqlite3.connect(sqlite_uri.removeprefix("sqlite:///"), timeout=1)
+    lock.execute("BEGIN EXCLUSIVE")
+    kids: list[str] = []
+
+    def report_path() -> None:
+        for i in range(50):
+            kid = tr.start_child(parent, f"n{i}", f"n{i}", {"w": i}, {"v": "relu"})
+            tr.log_metrics(kid, {"x": float(i)}, 1)
+            tr.end_run(kid)
+            kids.append(kid)
+
+    t = threading.Thread(target=report_path)
+    t.start()
+    t.join(timeout=60)
+    try:
+        assert not t.is_alive(), "start_child waited on the locked store"
+        assert len(kids) == 50
+    finally:
+        lock.rollback()
+        lock.close()
+    tr.close()
+    client = MlflowClient(sqlite_uri)
+    runs = client.search_runs([tr.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
+    assert sorted(r.data.tags["mfsweep.key"] for r in runs) == sorted(f"n{i}" for i in range(50))
+    assert all(r.info.status == "FINISHED" and r.data.metrics["x"] == float(r.data.params["w"]) for r in runs)
+
+
+def test_bad_param_fails_at_start_child(sqlite_uri: str) -> None:
+    with Tracker(sqlite_uri, "badparam") as tr:
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        with pytest.raises(ValueError, match="param name"):
+            tr.start_child(parent, "a", "a", {"bad key!": 1}, {})
+        with pytest.raises(ValueError, match="6000"):
+            tr.start_child(parent, "a", "a", {"long": "x" * 6001}, {})
+
+
+def test_group_runs_hold_their_members_curves(sqlite_uri: str) -> None:
+    """tracking.runs=group: one child run per group, each member's curve under its own metric keys; the group
+    run ends with its last member (FAILED if one failed); a resumed session reuses the group run and drops
+    the steps it already holds."""
+    client = MlflowClient(sqlite_uri)
+    tr = Tracker(sqlite_uri, "groups", flush_interval_s=0.05)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "g"})
+    handles = {(w, r): tr.start_member(parent, f"relu-w{w}", f"relu w={w}", f"seed{r}", 3, {"width": w}, {})
+               for w in (8, 16) for r in range(3)}
+    assert len({h.split("#")[0] for h in handles.values()}) == 2
+    for (w, r), h in handles.items():
+        for step in range(10):
+            tr.log_metrics(h, {"test_loss": w + r + step / 10}, step)
+        tr.set_tags(h, {"mfsweep.status": "finished"})
+    for r in range(2):
+        tr.end_run(handles[(8, r)])
+    tr.end_run(handles[(16, 0)], "FAILED")
+    tr.flush()
+    g8, g16 = handles[(8, 0)].split("#")[0], handles[(16, 0)].split("#")[0]
+    assert client.get_run(g8).info.status == "RUNNING"  # one member still training
+    tr.end_run(handles[(8, 2)])
+    tr.end_run(handles[(16, 1)])
+    tr.end_run(handles[(16, 2)])
+    tr.close()
+    run8 = client.get_run(g8)
+    assert run8.info.status == "FINISHED" and client.get_run(g16).info.status == "FAILED"
+    assert run8.data.params == {"width": "8"} and run8.data.tags["seed1/mfsweep.status"] == "finished"
+    assert set(run8.data.metrics) == {f"seed{r}/test_loss" for r in range(3)}
+    for r in range(3):
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(g8, f"seed{r}/test_loss"))
+        assert hist == [(s, 8 + r + s / 10) for s in range(10)]
+    assert len(client.search_runs([tr.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 2
+
+    tr = Tracker(sqlite_uri, "groups")
+    assert tr.start_parent("p", {}, {"mfsweep.sweep_key": "g"}) == parent
+    again = tr.start_member(parent, "relu-w8", "relu w=8", "seed1", 3, {"width": 8}, {})
+    assert again.split("#")[0] == g8
+    assert tr.stored_steps(again) == {"test_loss": 9}
+    for step in range(12):
+        tr.log_metrics(again, {"test_loss": 9 + step / 10}, step)
+    tr.close()
+    assert tr.stats.points_skipped == 10 and tr.stats.points_logged == 2
+    with Tracker(sqlite_uri, "groups") as tr, pytest.raises(ValueError, match="member"):
+        tr.start_member(parent, "relu-w8", "relu w=8", "bad#seed", 3, {}, {})
+
+
+class _GatedStore:
+    """A store whose writes wait for ``gate``; ``fail`` makes them raise a transient error (an outage)."""
+
+    name = "gated"
+    creates_runs = False
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.fail = False
+        self.writing = threading.Event()
+        self.failed = threading.Event()
+        self.written = 0
+
+    def plan(self, seg: Any) -> list[Any]:
+        from orchestrator.tracking.common import Step
+
+        def write() -> None:
+            self.writing.set()
+            self.gate.wait()
+            if self.fail:
+                self.failed.set()
+                raise OSError("Connection refused")
+            self.written += len(seg.points)
+
+        return [Step("points", sum(len(op.metrics) for op in seg.points), write)]
+
+    def close(self) -> None:
+        pass
+
+
+def test_queue_is_bounded_while_the_store_is_up_not_during_an_outage() -> None:
+    from orchestrator.tracking.common import MetricsOp
+    from orchestrator.tracking.writer import Writer
+
+    store = _GatedStore()
+    w = Writer(store, "fake://", flush_interval_s=0.01, max_batch=1, retry_max_s=20, max_queued=5)
+    w.enqueue(MetricsOp("r", {"x": 0.0}, 0, 0), 1)
+    assert store.writing.wait(30)  # the writer holds op 0 in a write that waits for the gate
+    done = threading.Event()
+
+    def caller() -> None:
+        for step in range(1, 21):
+            w.enqueue(MetricsOp("r", {"x": 0.0}, step, 0), 1)
+        done.set()
+
+    t = threading.Thread(target=caller)
+    t.start()
+    deadline = time.monotonic() + 30
+    while w.waits == 0 and time.monotonic() < deadline:  # wait for the observable event: a caller held back
+        time.sleep(0.01)
+    assert w.waits >= 1 and not done.is_set()
+    assert w.stats.pending == 1 + 5  # the point in the write, and exactly the bound queued
+    store.gate.set()
+    assert done.wait(30)
+    w.flush(timeout=30)
+    assert store.written == 21
+
+    # An outage: the write fails (transient), and callers are never held back while it lasts.
+    store.gate.clear()
+    store.fail = True
+    w.enqueue(MetricsOp("r", {"x": 0.0}, 100, 0), 1)
+    store.gate.set()
+    assert store.failed.wait(30)
+    for step in range(101, 131):
+        w.enqueue(MetricsOp("r", {"x": 0.0}, step, 0), 1)  # would block at 5 if the bound applied
+    assert w.stats.pending == 31
+    store.fail = False
+    w.close()
+    assert store.written == 21 + 31
+
+
+@pytest.mark.parametrize("fast_sql", [True, False])
+def test_rejected_param_takes_no_points_with_it(sqlite_uri: str, fast_sql: bool) -> None:
+    """A changed param in the same write cycle as the run's points: MLflow rejects the param (reported), the
+    points are still written (params never share a log_batch call with points)."""
+    tr = Tracker(sqlite_uri, "param-vs-points", fast_sql=fast_sql, flush_interval_s=10.0)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+    kid = tr.start_child(parent, "a", "a", {"w": 1}, {})
+    tr.flush()
+    tr.log_metrics(kid, {"x": 1.0}, 0)
+    tr.log_params(kid, {"w": 2})
+    tr.set_tags(kid, {"t": "v"})
+    with pytest.raises(TrackingError, match="rejected"):
+        tr.flush(timeout=30)
+    tr.close()
+    assert (tr.stats.points_logged, tr.stats.points_lost) == (1, 0)
+    run = MlflowClient(sqlite_uri).get_run(kid)
+    assert run.data.metrics == {"x": 1.0} and run.data.params == {"w": "1"} and run.data.tags["t"] == "v"

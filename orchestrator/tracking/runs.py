@@ -1,0 +1,168 @@
+"""Run identity and resume: a sweep's parent run is found by its ``mfsweep.sweep_key`` tag, a network's child
+run by its ``mfsweep.key`` tag under that parent, so a resumed sweep continues its runs instead of creating
+new ones; a reused run remembers the last step stored per metric, and points at or below it are dropped.
+
+New child runs cost the caller no I/O where the store lets the tracker pick the run id (bulk SQL): the id is
+a uuid4 hex like MLflow's and the writer creates the runs in bulk. Elsewhere (a tracking server, an untested
+schema) ``create_run`` is one synchronous call and the params follow through the queue."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+from .common import (
+    CHILD_KEY_TAG,
+    PARENT_TAG,
+    RUN_NAME_TAG,
+    SWEEP_KEY_TAG,
+    CreateOp,
+    ParamsOp,
+    TagsOp,
+    log,
+    metric_name_error,
+    now_ms,
+    quote,
+)
+from .sqlstore import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
+from .writer import Writer
+
+
+def _checked(kind: str, items: Mapping[str, object], max_value: int) -> dict[str, str]:
+    """Stringified params or tags; a name or value MLflow would reject is a ValueError at the call."""
+    out = {str(k): str(v) for k, v in items.items()}
+    for k, v in out.items():
+        why = metric_name_error(k) if len(k) <= MAX_KEY_LENGTH else f"longer than {MAX_KEY_LENGTH} characters"
+        if why is not None:
+            raise ValueError(f"invalid MLflow {kind} name {k!r}: {why}")
+        if len(v) > max_value:
+            raise ValueError(f"MLflow {kind} {k!r} is {len(v)} characters long, more than MLflow's {max_value}")
+    return out
+
+
+class RunBook:
+    """Which MLflow run stands for which sweep / network, and what a reused run already holds."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, writer: Writer,
+                 call: Callable[[str, Callable[[], Any]], Any]) -> None:
+        self._client = client
+        self._experiment_id = experiment_id
+        self._writer = writer
+        self._call = call
+        self._lock = threading.RLock()  # start_* may be called from several threads
+        self._fresh_parents: set[str] = set()
+        self._children: dict[str, dict[str, str]] = {}  # parent -> network key -> run id
+        self._own: set[str] = set()  # runs started here: the only ones the bulk SQL path writes to
+        self._floors: dict[str, dict[str, int]] = {}  # run -> metric key -> max step already stored
+
+    def owned(self, run_id: str) -> bool:
+        return run_id in self._own
+
+    def floors(self, run_id: str) -> dict[str, int] | None:
+        return self._floors.get(run_id)
+
+    def known_child(self, parent_id: str, key: str) -> str | None:
+        """The run of ``key`` if this session started it already."""
+        with self._lock:
+            return self._children.get(parent_id, {}).get(key)
+
+    def stored_steps(self, run_id: str) -> Mapping[str, int]:
+        return dict(self._floors.get(run_id, {}))
+
+    def _find_runs(self, filter_string: str) -> list[Any]:
+        runs: list[Any] = []
+        token: str | None = None
+        while True:
+            page = self._client.search_runs([self._experiment_id], filter_string=filter_string,
+                                            run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                            order_by=["attributes.start_time ASC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def start_parent(self, run_name: str, params: Mapping[str, object], tags: Mapping[str, str]) -> str:
+        with self._lock:
+            str_tags = {k: str(v) for k, v in tags.items()}
+            sweep_key = str_tags.get(SWEEP_KEY_TAG)
+            run_id: str | None = None
+            if sweep_key is not None:
+                found = self._call("search for the sweep's parent run", lambda: self._find_runs(
+                    f"tags.`{SWEEP_KEY_TAG}` = {quote(sweep_key)}"))
+                if len(found) > 1:
+                    log.warning("%d MLflow runs carry %s=%s; reusing the oldest", len(found), SWEEP_KEY_TAG,
+                                sweep_key)
+                if found:
+                    run_id = str(found[0].info.run_id)
+                    rid = run_id
+                    self._call("reopen the parent run", lambda: self._client.update_run(rid, status="RUNNING"))
+            if run_id is None:
+                run = self._call("create the parent run", lambda: self._client.create_run(
+                    self._experiment_id, tags=str_tags, run_name=run_name))
+                run_id = str(run.info.run_id)
+                self._fresh_parents.add(run_id)
+            self._own.add(run_id)
+            if str_tags:
+                self._writer.enqueue(TagsOp(run_id, str_tags))
+            if params:
+                self._writer.enqueue(ParamsOp(run_id, {str(k): str(v) for k, v in params.items()}))
+            return run_id
+
+    def start_child(self, parent_id: str, key: str, run_name: str, params: Mapping[str, object],
+                    tags: Mapping[str, str]) -> str:
+        str_params = _checked("param", params, MAX_PARAM_VALUE_LENGTH)
+        str_tags = {**_checked("tag", tags, MAX_TAG_VALUE_LENGTH), CHILD_KEY_TAG: key, PARENT_TAG: parent_id}
+        name = str_tags.pop(RUN_NAME_TAG, None) or run_name
+        if len(name) > MAX_KEY_LENGTH:
+            raise ValueError(f"MLflow run name {name[:40]!r}... is longer than {MAX_KEY_LENGTH} characters")
+        with self._lock:
+            children = self._children.get(parent_id)
+            if children is None:
+                children = {}
+                if parent_id not in self._fresh_parents:
+                    found = self._call("list the sweep's child runs", lambda: self._find_runs(
+                        f"tags.`{PARENT_TAG}` = {quote(parent_id)}"))
+                    for r in found:
+                        k = r.data.tags.get(CHILD_KEY_TAG)
+                        if k is not None:
+                            children.setdefault(k, str(r.info.run_id))
+                self._children[parent_id] = children
+            run_id = children.get(key)
+            if run_id is None:
+                if self._writer.store.creates_runs:  # no I/O here: the writer creates it with its params
+                    run_id = uuid.uuid4().hex
+                    self._own.add(run_id)
+                    children[key] = run_id
+                    self._writer.enqueue(CreateOp(run_id, name, str_tags, str_params, now_ms()))
+                    return run_id
+                run = self._call(f"create child run {key}", lambda: self._client.create_run(
+                    self._experiment_id, tags={**str_tags, RUN_NAME_TAG: name}, run_name=name))
+                run_id = str(run.info.run_id)
+                children[key] = run_id
+            else:
+                if run_id in self._own:
+                    self._writer.flush()  # reused within this session: its queued points must be visible first
+                self._floors[run_id] = self._stored_steps(run_id)
+                rid = run_id
+                self._call(f"reopen child run {key}", lambda: self._client.update_run(rid, status="RUNNING"))
+                self._writer.enqueue(TagsOp(run_id, str_tags))
+            self._own.add(run_id)
+            if str_params:
+                self._writer.enqueue(ParamsOp(run_id, str_params))
+            return run_id
+
+    def _stored_steps(self, run_id: str) -> dict[str, int]:
+        run = self._call("read a reused run", lambda: self._client.get_run(run_id))
+        floors: dict[str, int] = {}
+        for metric_key in run.data.metrics:
+            hist = self._call("read a metric history", partial(self._client.get_metric_history, run_id, metric_key))
+            if hist:
+                floors[metric_key] = max(int(m.step) for m in hist)
+        return floors
+
