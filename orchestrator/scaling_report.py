@@ -100,9 +100,11 @@ class ScalingReport:
         """Seed-averaged test-loss curve per (variant, width) from this session's reports (a network that
         stopped counts at its last value: see analysis.seed_mean_curve)."""
         acc: dict[str, list[list[tuple[int, float]]]] = {}
-        for nid, pts in self.curves.items():
+        # Panels and legends in the config's order (net ids run over variants, then widths), not in the order
+        # packs reported.
+        for nid in sorted(self.curves):
             net = self.by_id[nid]
-            acc.setdefault(f"{net.variant} n={net.spec.width}", []).append(pts)
+            acc.setdefault(f"{net.variant} n={net.spec.width}", []).append(self.curves[nid])
         return {k: analysis.seed_mean_curve(v) for k, v in acc.items()}
 
     def _print_table(self, analyses: dict[str, analysis.VariantAnalysis]) -> None:
