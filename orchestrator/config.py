@@ -359,14 +359,6 @@ class TrackingConfig(Strict):
     variant x width, each seed's curves as metric keys ``seed<r>/<key>``: a 100k-network sweep stays a few
     thousand runs in the MLflow UI). See README, "Very large sweeps"."""
 
-    @model_validator(mode="after")
-    def _group_not_wired(self) -> TrackingConfig:
-        # The tracker side exists (Tracker.start_member); until scaling/search log through it, group would be
-        # silently ignored. Whoever wires the drivers removes this check.
-        if self.runs == "group":
-            raise ValueError("tracking.runs=group is not used by mfsweep scaling/search yet; use network")
-        return self
-
 
 class ScalingConfig(Strict):
     name: str = Field("sweep", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")

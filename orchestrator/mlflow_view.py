@@ -54,6 +54,11 @@ def child_run_name(variant: str, width: int, seed: int) -> str:
     return f"{variant} width={width} seed={seed}"
 
 
+def group_run_name(variant: str, width: int) -> str:
+    """A (variant, width) group run's name (``tracking.runs: group``): its seeds are metric-key prefixes."""
+    return f"{variant} width={width}"
+
+
 def curve_key(variant: str) -> str:
     """MLflow metric name of a variant's error-vs-width curve (characters MLflow refuses become '_')."""
     return CURVE_PREFIX + re.sub(r"[^A-Za-z0-9_\-. :/]", "_", variant)

@@ -13,6 +13,7 @@ Output folder layout (everything a resume needs):
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import uuid
@@ -82,6 +83,7 @@ class ScalingSweep:
         self._wait_said: float | None = None
         self.curves: dict[int, list[tuple[int, float]]] = {}
         self.child: dict[int, str] = {}
+        self._members: collections.Counter[str] | None = None
 
     # ------------------------------------------------------------------ events
     def _child(self, net_id: int) -> str:
@@ -99,12 +101,29 @@ class ScalingSweep:
             if v.task.content_hash:
                 params["content_hash"] = v.task.content_hash
             # The step cap is a tag, not a param: extending a sweep raises it, and MLflow params never change.
-            name = mlflow_view.child_run_name(net.variant, sp.width, net.replicate)
-            run = self.tracker.start_child(self.parent, net.key, name, params,
-                                           {"mfsweep.key": net.key, "mfsweep.variant": net.variant,
-                                            "mfsweep.steps": str(v.dynamics.steps)})
+            tags = {"mfsweep.variant": net.variant, "mfsweep.steps": str(v.dynamics.steps)}
+            if self.cfg.tracking.runs == "group":
+                # One run per (variant, width); each seed's curves and tags under 'seed<r>/'.
+                group = net.key.rsplit("/", 1)[0]
+                for k in ("replicate", "net_id"):
+                    params.pop(k)
+                run = self.tracker.start_member(
+                    self.parent, group, mlflow_view.group_run_name(net.variant, sp.width),
+                    f"seed{net.replicate}", self._group_members()[group], params, {**tags, "mfsweep.key": group})
+                self.tracker.set_tags(run, {"net_id": str(net_id), "key": net.key})
+            else:
+                name = mlflow_view.child_run_name(net.variant, sp.width, net.replicate)
+                run = self.tracker.start_child(self.parent, net.key, name, params, {**tags, "mfsweep.key": net.key})
             self.child[net_id] = run
         return run
+
+    def _group_members(self) -> dict[str, int]:
+        """Per group run (tracking.runs: group), the networks that end in this session: those not settled
+        when it began (a resumed or extended sweep's group run ends again when they have)."""
+        if self._members is None:
+            self._members = collections.Counter(
+                net.key.rsplit("/", 1)[0] for nid, net in self.by_id.items() if not self._settled(nid))
+        return self._members
 
     def _settled(self, net_id: int) -> bool:
         res = self.results.get(net_id)

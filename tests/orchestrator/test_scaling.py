@@ -357,3 +357,32 @@ def test_multinode_worker_killed_mid_sweep(tmp_path: Path) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_group_runs_hold_every_seed_and_end_again_when_extended(tmp_path: Path) -> None:
+    """tracking.runs: group: one child run per (variant, width), each seed's curve under 'seed<r>/', values
+    equal to the per-network run of the same sweep; extending the finished sweep continues the curves and
+    ends each group run again."""
+    sets = [*SMALL, "execution.backend=local"]
+    per_net, grouped = tmp_path / "net", tmp_path / "group"
+    ScalingSweep(cfgmod.load(None, sets), per_net, progress=False).run()
+    ScalingSweep(cfgmod.load(None, [*sets, "tracking.runs=group"]), grouped, progress=False).run()
+    c_net, nets = child_runs(per_net)
+    c_grp, groups = child_runs(grouped)
+    assert len(nets) == 6 and len(groups) == 3
+    want = {(r.data.params["width"], f"seed{r.data.params['replicate']}"):
+            [(m.step, m.value) for m in c_net.get_metric_history(r.info.run_id, "test_loss")] for r in nets}
+    for g in groups:
+        assert g.info.status == "FINISHED" and g.info.run_name == f"base width={g.data.params['width']}"
+        assert "replicate" not in g.data.params
+        for seed in ("seed0", "seed1"):
+            got = [(m.step, m.value) for m in c_grp.get_metric_history(g.info.run_id, f"{seed}/test_loss")]
+            assert sorted(got) == sorted(want[(g.data.params["width"], seed)])
+    assert main(["resume", str(grouped), "--no-progress", "--set", "dynamics.steps=100"]) == 0
+    c_grp, groups = child_runs(grouped)
+    assert len(groups) == 3
+    for g in groups:
+        assert g.info.status == "FINISHED"
+        for seed in ("seed0", "seed1"):
+            steps = [m.step for m in c_grp.get_metric_history(g.info.run_id, f"{seed}/test_loss")]
+            assert sorted(steps) == list(range(0, 101, 20))  # continued to the new cap, no step twice
