@@ -180,7 +180,8 @@ def test_variant_dtype_is_used_end_to_end() -> None:
         assert abs(got - want) < abs(got - other), n.key
 
 
-def test_tracking_runs_group_is_refused_until_the_drivers_use_it() -> None:
-    assert cfgmod.load(None, ["tracking.runs=network"]).tracking.runs == "network"
-    with pytest.raises(cfgmod.ConfigError, match=r"tracking\.runs=group is not used"):
-        cfgmod.load(None, ["tracking.runs=group"])
+def test_tracking_runs_takes_network_or_group_only() -> None:
+    assert cfgmod.load(None).tracking.runs == "network"
+    assert cfgmod.load(None, ["tracking.runs=group"]).tracking.runs == "group"
+    with pytest.raises(cfgmod.ConfigError, match=r"tracking\.runs"):
+        cfgmod.load(None, ["tracking.runs=seed"])
