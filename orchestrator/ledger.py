@@ -1,7 +1,7 @@
 """The network ledger: where a report goes after the engine emits it.
 
 Data path: config (config.py) -> plan (plan.py) -> pool (pool.py) -> actor (workers/actor.py) -> engine
-(workers/engine/) -> **ledger** -> tracker (tracking.py) -> analysis (analysis.py).
+(workers/engine/) -> **ledger** -> tracker (tracking/) -> analysis (analysis.py).
 
 A pack's report reaches the driver as a :class:`~workers.jobs.PackEvent` (from the pool, or from the pack's
 report log on resume: :meth:`Ledger.replay`). :meth:`Ledger.on_event` is the one place it is consumed:
