@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Specs and compatibility rules only: workers.engine loads torch lazily, and validation must not wait for it.
 from workers.engine import (
     Algorithm,
-    Component,
     DataSpec,
     DynamicsSpec,
     InitSpec,
@@ -26,6 +25,7 @@ from workers.engine import (
     LrSchedule,
     Measure,
     ModelSpec,
+    NetworkSpec,
     Parametrization,
     RateConvention,
     Scheme,
@@ -36,6 +36,8 @@ from workers.engine import (
     check_compatible,
     traits,
 )
+
+from .schema import build, check
 
 #: Fewest reports in a window for the plateau test (workers.engine.stopping.MIN_POINTS).
 MIN_POINTS = 10
@@ -129,20 +131,9 @@ class TaskConfig(Strict):
         return cfg.model_copy(update=found) if found else cfg
 
     def spec(self) -> TaskSpec:
-        data = None
-        if self.kind is TaskKind.DATASET and self.path:
-            data = DataSpec(
-                path=self.path, test_path=self.test_path, x_key=self.x_key, y_key=self.y_key,
-                features=tuple(self.features), targets=tuple(self.targets), test_fraction=self.test_fraction,
-                standardize_inputs=self.standardize_inputs, standardize_targets=self.standardize_targets,
-                classification=self.classification)
-        return TaskSpec(
-            kind=self.kind, dim=self.dim, seed=self.seed, out_dim=self.out_dim,
-            teacher_units=self.teacher_units, inputs=self.inputs, n_train=self.n_train, n_test=self.n_test,
-            components=tuple(Component(c.weight, tuple(c.mean), c.var) for c in self.components),
-            measure=self.measure, measure_std=self.measure_std, data=data, target=self.target or "",
-            content_hash=self.content_hash or "",
-        )
+        # A dataset task's file keys, read from this same section, make its DataSpec.
+        data = build(DataSpec, self) if self.kind is TaskKind.DATASET and self.path else None
+        return build(TaskSpec, self, data=data)
 
 
 class InitConfig(Strict):
@@ -162,9 +153,7 @@ class InitConfig(Strict):
     bias_std: float = Field(0.0, ge=0)
 
     def spec(self) -> InitSpec:
-        return InitSpec(z=self.z, loc=self.loc, scale=self.scale, low=self.low, high=self.high,
-                        c_law=self.c_law, c_mean=self.c_mean, c_std=self.c_std, c_low=self.c_low,
-                        c_high=self.c_high, bias_std=self.bias_std)
+        return build(InitSpec, self)
 
     @model_validator(mode="after")
     def _bounds(self) -> InitConfig:
@@ -190,8 +179,7 @@ class ModelConfig(Strict):
     """Law of fresh particles for birth-death scheme 'prior' (None = the initial law)."""
 
     def spec(self) -> ModelSpec:
-        return ModelSpec(unit=self.unit, bias=self.bias, gaussian_var=self.gaussian_var,
-                         init=self.init.spec(), prior=self.prior.spec() if self.prior else None)
+        return build(ModelSpec, self)
 
 
 class BirthDeathConfig(Strict):
@@ -267,15 +255,7 @@ class DynamicsConfig(Strict):
         return self
 
     def spec(self) -> DynamicsSpec:
-        bd = self.birth_death
-        return DynamicsSpec(
-            algorithm=self.algorithm, steps=self.steps, batch_size=self.batch_size, finite_set=self.finite_set,
-            eval_every=self.eval_every, bd_every=bd.every, bd_quench=bd.quench, bd_convention=bd.convention,
-            diverge_threshold=self.diverge_threshold, stop_rule=self.stop.rule, stop_window=self.stop.window,
-            stop_rel_tol=self.stop.rel_tol, stop_z=self.stop.confidence, stop_min_steps=self.stop.min_steps,
-            lr_schedule=self.lr_schedule.kind, lr_decay_steps=self.lr_schedule.decay_steps,
-            lr_floor=self.lr_schedule.floor,
-        )
+        return build(DynamicsSpec, self)
 
 
 class VariantConfig(Strict):
@@ -385,6 +365,13 @@ class ScalingConfig(Strict):
             out.append((var.name, _validate(raw, where=f"sweep.variants[{i}] ({var.name})")))
         return out
 
+
+#: The engine specs the config is converted to, each with the section its config paths are relative to
+#: (orchestrator/schema.py; nested specs, e.g. ModelSpec.init, follow from their fields).
+SPEC_SECTIONS: tuple[tuple[type, str], ...] = (
+    (TaskSpec, "task"), (DataSpec, "task"), (ModelSpec, "model"), (DynamicsSpec, "dynamics"), (NetworkSpec, ""))
+for _spec, _section in SPEC_SECTIONS:  # a spec field naming a key the config lacks fails here, at import
+    check(_spec, ScalingConfig, _section)
 
 # --------------------------------------------------------------------------- loading
 

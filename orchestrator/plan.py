@@ -3,6 +3,12 @@ packing function of both ``mfsweep scaling`` and ``mfsweep search``).
 
 Networks whose pack-level settings (task, unit, dynamics schedule, numerics: :func:`pack_key`) agree share
 packs; their per-network settings (:data:`PER_NETWORK`) ride along as vectors.
+
+To add a per-network hyperparameter: a field of NetworkSpec (workers/engine/specs.py) that names its config
+path (``metadata=from_config("dynamics.x")``), used by the engine's per-network vectors (workers/engine/
+pack.py); and, for a new key, its entry in orchestrator/config.py (type, bounds, doc). Nothing here changes:
+:data:`PER_NETWORK`, :func:`network_spec`, :func:`network_settings` (MLflow params), search and the pack key
+all follow from the field.
 """
 
 from __future__ import annotations
@@ -18,39 +24,25 @@ from workers.engine import Algorithm, NetworkSpec, TaskKind, Unit, derive_seed, 
 from workers.jobs import PackJob
 
 from .config import ConfigError, ExecutionConfig, ScalingConfig
+from .schema import at, build, driver_fields, paths
 
-#: A network's own settings, declared once: NetworkSpec field <- the config path it is read from. Networks
-#: that differ only in these share a pack (the engine holds them as per-network vectors); every network's
-#: spec (:func:`network_spec`) and MLflow params (:func:`network_settings`) are derived from this table.
-#: To add a per-network hyperparameter: a field of NetworkSpec (workers/engine/specs.py) used by the
-#: engine's group vectors (workers/engine/pack.py), and its line here.
-PER_NETWORK: dict[str, str] = {
-    "lr": "dynamics.lr",
-    "parametrization": "model.parametrization",
-    "temperature": "dynamics.temperature",
-    "bd_rate": "dynamics.birth_death.rate",
-    "bd_scheme": "dynamics.birth_death.scheme",
-}
+#: A network's own settings: NetworkSpec field -> the config path it is read from, as the field declares it
+#: (workers/engine/specs.py). Networks that differ only in these share a pack (the engine holds them as
+#: per-network vectors); every network's spec (:func:`network_spec`) and MLflow params
+#: (:func:`network_settings`) follow from it.
+PER_NETWORK: dict[str, str] = paths(NetworkSpec)
 #: NetworkSpec fields that name a network rather than configure it (set by the planner).
-IDENTITY = ("net_id", "width", "seed")
-
-
-def _at(cfg: ScalingConfig, path: str) -> Any:
-    value: Any = cfg
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
+IDENTITY: tuple[str, ...] = driver_fields(NetworkSpec)
 
 
 def network_settings(vcfg: ScalingConfig) -> dict[str, Any]:
     """The per-network settings ``vcfg`` gives its networks (plain JSON values, e.g. for MLflow params)."""
-    return {name: to_dict(_at(vcfg, path)) for name, path in PER_NETWORK.items()}
+    return {name: to_dict(at(vcfg, path)) for name, path in PER_NETWORK.items()}
 
 
 def network_spec(vcfg: ScalingConfig, net_id: int, width: int, seed: int) -> NetworkSpec:
     """A network of ``vcfg`` (its per-network settings) of ``width``, its own stream seeded by ``seed``."""
-    return NetworkSpec(net_id=net_id, width=width, seed=seed,
-                       **{name: _at(vcfg, path) for name, path in PER_NETWORK.items()})
+    return build(NetworkSpec, vcfg, net_id=net_id, width=width, seed=seed)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ over). The study's space, sampler, pruner and storage are in :mod:`.study`.
 
 Execution (asynchronous ask/tell): every worker trains a pack of ``ceil(search.parallel / workers)`` trials;
 each trial's parameters are applied to the base config, compatible networks share a pack (same pack key:
-task, unit, dynamics schedule, dtype; per-network lr, parametrization, temperature, birth-death rate/scheme
-and width differ freely inside a pack). Every report's test loss reaches ``trial.report``; a trial the
+task, unit, dynamics schedule, dtype; the per-network settings of :data:`.plan.PER_NETWORK`, e.g. lr or the
+birth-death rate, and width differ freely inside a pack). Every report's test loss reaches ``trial.report``; a trial the
 pruner stops leaves its pack (``pool.request_retire``) while its pack-mates go on; a trial is told the moment
 its network retires; and the moment a pack ends (``on_done`` of the pool), its worker gets a pack of new
 trials asked with everything told so far. The particle-steps a trial actually trained (width x steps) are

@@ -1,9 +1,7 @@
-"""The driver core both commands stand on: the per-network settings table, the one packing function, the
-network ledger and the run folder's state."""
+"""The driver core both commands stand on: the one packing function, the network ledger and the run folder's state."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,42 +11,17 @@ import pytest
 from orchestrator import config as cfgmod
 from orchestrator.ledger import Ledger
 from orchestrator.plan import (
-    IDENTITY,
-    PER_NETWORK,
-    network_settings,
-    network_spec,
-    pack_key,
     pack_memory,
     plan,
     plan_networks,
     plan_packs,
 )
 from orchestrator.runfolder import RunFolder
-from workers.engine import NetMetrics, NetStatus, NetworkSpec, Report, Retired
+from workers.engine import NetMetrics, NetStatus, Report, Retired
 from workers.jobs import PackEvent
 
-# A value unlike the default for every per-network setting, as a config override would give it.
-NON_DEFAULT = {"lr": 0.0123, "parametrization": "ntk", "temperature": 0.25, "bd_rate": 1.5, "bd_scheme": "prior"}
-
-
-def test_the_table_names_every_per_network_field_of_the_engine_spec() -> None:
-    """A NetworkSpec field the table does not name would never reach the engine from a config."""
-    fields = {f.name for f in dataclasses.fields(NetworkSpec)}
-    assert set(PER_NETWORK) == fields - set(IDENTITY)
-    assert set(NON_DEFAULT) == set(PER_NETWORK)
-
-
-@pytest.mark.parametrize("field", sorted(PER_NETWORK))
-def test_a_per_network_setting_flows_from_its_config_path_to_the_spec_and_shares_packs(field: str) -> None:
-    base = cfgmod.load(None, [])
-    changed = cfgmod.load(None, [f"{PER_NETWORK[field]}={NON_DEFAULT[field]}"])
-    spec = network_spec(changed, 7, 16, 3)
-    got = getattr(spec, field)
-    assert (got.value if hasattr(got, "value") else got) == NON_DEFAULT[field]
-    assert getattr(network_spec(base, 7, 16, 3), field) != got
-    assert network_settings(changed)[field] == NON_DEFAULT[field]
-    # Per-network: networks that differ only in it still share a pack.
-    assert pack_key(changed) == pack_key(base)
+# Each per-network setting's way from its config key to its network, its MLflow param and a shared pack is
+# tested for every NetworkSpec field in tests/orchestrator/test_schema.py.
 
 
 def test_sweep_networks_carry_their_variants_settings() -> None:

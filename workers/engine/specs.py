@@ -2,6 +2,18 @@
 
 These records cross process boundaries (driver -> Ray actor -> checkpoint file), so they are plain frozen
 dataclasses of builtins and enums, serialisable with :func:`to_dict` / :func:`from_dict`.
+
+Each field also says where the driver reads it in the sweep config (plain dataclass metadata: this package
+must not import pydantic): by default the key of the same name in the config section the spec is built from
+(``task``, ``model``, ``dynamics``; ``model.init`` for an :class:`InitSpec`), else the key
+:func:`from_config` names, or :func:`set_by_driver` for a value the driver computes. orchestrator/schema.py
+builds every spec from its config with these declarations, and checks each path exists.
+
+A per-network hyperparameter (one that may differ between networks of a pack) is a field of
+:class:`NetworkSpec` with its full config path, e.g. ``field(default=0.0, metadata=from_config("dynamics.x"))``,
+used by the engine's per-network vectors (pack.py); the planner, search and MLflow params pick it up from
+there (orchestrator/plan.py). A new key also needs its entry in orchestrator/config.py (the user-facing
+schema: its type, bounds and doc).
 """
 
 from __future__ import annotations
@@ -112,6 +124,31 @@ class NetStatus(str, enum.Enum):
     FAILED = "failed"
 
 
+#: Field metadata keys (read by orchestrator/schema.py).
+CONFIG = "mfsweep.config"
+"""Where the field is read in the config: a dotted path relative to the spec's config section."""
+CONFIG_NONE = "mfsweep.config_none"
+"""The field's value where the config holds None (a config key that is optional while the field is not)."""
+BY_DRIVER = "mfsweep.by_driver"
+"""The field is not read from the config: the driver sets it (the value says how)."""
+
+
+def from_config(path: str | None = None, *, none: Any = dataclasses.MISSING) -> dict[str, Any]:
+    """Metadata of a field read from the config at ``path`` (relative to the spec's section; None = the
+    field's own name); ``none``: the field's value where the config holds None."""
+    meta: dict[str, Any] = {}
+    if path is not None:
+        meta[CONFIG] = path
+    if none is not dataclasses.MISSING:
+        meta[CONFIG_NONE] = none
+    return meta
+
+
+def set_by_driver(how: str) -> dict[str, Any]:
+    """Metadata of a field the driver computes rather than reads from the config (``how`` says from what)."""
+    return {BY_DRIVER: how}
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -201,13 +238,16 @@ class TaskSpec:
     measure: Measure = Measure.LEBESGUE
     measure_std: float = 2.0
     """Std of the Gaussian input measure (measure=gaussian)."""
-    data: DataSpec | None = None
+    data: DataSpec | None = field(default=None, metadata=set_by_driver(
+        "DataSpec from the task section's file keys, for kind=dataset only (TaskConfig.spec)"))
     """kind=dataset: the file and its preparation (dim, out_dim, n_train, n_test are the prepared sizes)."""
-    target: str = ""
+    target: str = field(default="", metadata=from_config(none=""))
     """kind=function: 'package.module:function', a callable on a (P, d) tensor returning (P,) or (P, k)."""
-    content_hash: str = ""
+    content_hash: str = field(default="", metadata=from_config(none=""))
     """Hash of the data (dataset) or of the target's module source (function): two sweeps on different data
-    never share a pack key, a plan or MLflow params, and a resume on changed data is refused."""
+    never share a pack key, a plan or MLflow params, and a resume on changed data is refused. The driver fills
+    the config's task.content_hash in from the data (orchestrator/userdata.py: so are dim, out_dim, n_train
+    and n_test of a dataset task), and the spec reads it there."""
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -286,28 +326,29 @@ class DynamicsSpec:
     """SGD only: draw batches from the fixed training set instead of fresh samples (online SGD)."""
     eval_every: int = 50
     """Report train/test losses every this many steps (and at step 0 and the last step)."""
-    bd_every: int = 1
+    bd_every: int = field(default=1, metadata=from_config("birth_death.every"))
     """Apply birth-death every this many steps."""
-    bd_quench: int = 0
+    bd_quench: int = field(default=0, metadata=from_config("birth_death.quench"))
     """Last steps run as plain GD/SGD (no birth-death)."""
-    bd_convention: RateConvention = RateConvention.PER_TIME
+    bd_convention: RateConvention = field(default=RateConvention.PER_TIME,
+                                          metadata=from_config("birth_death.convention"))
     diverge_threshold: float = 1e8
     """A network whose loss is non-finite or above this is retired as diverged."""
-    stop_rule: StopRule = StopRule.FIXED
-    stop_window: int = 1000
+    stop_rule: StopRule = field(default=StopRule.FIXED, metadata=from_config("stop.rule"))
+    stop_window: int = field(default=1000, metadata=from_config("stop.window"))
     """The final window (the estimate and the plateau test): the last quarter of the run, at least this many
     steps, at most the last half."""
-    stop_rel_tol: float = 0.1
+    stop_rel_tol: float = field(default=0.1, metadata=from_config("stop.rel_tol"))
     """Plateau: the upper confidence bound of the relative decrease the window's trend predicts over a
     doubling of the training time must be below this (workers/engine/stopping.py)."""
-    stop_z: float = 2.0
+    stop_z: float = field(default=2.0, metadata=from_config("stop.confidence"))
     """Plateau: that bound is this many standard errors above the measured decrease (one-sided)."""
-    stop_min_steps: int = 0
+    stop_min_steps: int = field(default=0, metadata=from_config("stop.min_steps"))
     """Plateau: no network stops before this step."""
-    lr_schedule: LrSchedule = LrSchedule.CONSTANT
-    lr_decay_steps: float = 1000.0
+    lr_schedule: LrSchedule = field(default=LrSchedule.CONSTANT, metadata=from_config("lr_schedule.kind"))
+    lr_decay_steps: float = field(default=1000.0, metadata=from_config("lr_schedule.decay_steps"))
     """inverse_time: dt halves after this many steps."""
-    lr_floor: float = 0.0
+    lr_floor: float = field(default=0.0, metadata=from_config("lr_schedule.floor"))
     """Smallest factor on dt (inverse_time, cosine)."""
 
     def __post_init__(self) -> None:
@@ -327,21 +368,26 @@ class DynamicsSpec:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """One network of a pack: its width, random stream and per-network hyperparameters."""
+    """One network of a pack: its width, random stream and per-network hyperparameters.
 
-    net_id: int
+    The identity fields are set by the planner; every other field is a per-network hyperparameter, read
+    from the config at its full path (built from the whole sweep config, not one section). Networks that
+    differ only in these share a pack (pack.py holds them as per-network vectors)."""
+
+    net_id: int = field(metadata=set_by_driver("the planner numbers the sweep's networks"))
     """Unique within a sweep; names the network in metrics and checkpoints."""
-    width: int
-    seed: int
+    width: int = field(metadata=set_by_driver("the planner: one of sweep.widths (search: the trial's width)"))
+    seed: int = field(metadata=set_by_driver("the planner: derived from sweep.seed and the replicate"))
     """Seeds this network's own stream (init, Langevin noise, birth-death draws)."""
-    lr: float = 0.05
+    lr: float = field(default=0.05, metadata=from_config("dynamics.lr"))
     """Time step dt of the particle ODE (raw learning rate n*dt under mean-field, dt under ntk)."""
-    parametrization: Parametrization = Parametrization.MEAN_FIELD
-    temperature: float = 0.0
+    parametrization: Parametrization = field(default=Parametrization.MEAN_FIELD,
+                                             metadata=from_config("model.parametrization"))
+    temperature: float = field(default=0.0, metadata=from_config("dynamics.temperature"))
     """Langevin temperature 1/beta: noise sqrt(2 dt / beta) per coordinate and step."""
-    bd_rate: float = 0.0
+    bd_rate: float = field(default=0.0, metadata=from_config("dynamics.birth_death.rate"))
     """Birth-death rate alpha (0 = off)."""
-    bd_scheme: Scheme = Scheme.CLONE
+    bd_scheme: Scheme = field(default=Scheme.CLONE, metadata=from_config("dynamics.birth_death.scheme"))
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
