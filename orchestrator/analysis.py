@@ -22,8 +22,6 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from scipy.optimize import least_squares
-from scipy.stats import f as f_dist
 
 __all__ = ["Fit", "FloorFit", "Point", "VariantAnalysis", "analyse", "curves_figure", "fit_scaling",
            "plot_curves", "plot_scaling", "scaling_figure"]
@@ -215,6 +213,8 @@ def _floor_solve(n: np.ndarray, wsum: np.ndarray, ymean: np.ndarray, p0: np.ndar
     lower, upper = np.array([-np.inf, 0.0, 0.0]), np.array([np.inf, ALPHA_MAX, np.inf])
     x0 = np.clip(p0, lower + 1e-9, upper - 1e-9)
     try:
+        from scipy.optimize import least_squares  # scipy loads only when a fit runs (start-up)
+
         res = least_squares(residual, x0, jac=jacobian, bounds=(lower, upper), method="trf", x_scale="jac")
     except (ValueError, FloatingPointError):
         return None
@@ -251,6 +251,8 @@ def _floor_p_value(p: np.ndarray, x: np.ndarray, y: np.ndarray, w: np.ndarray) -
         return 1.0
     if rss_floor <= 1e-14 * rss_power:  # noiseless data that bend: an exact floor
         return 0.0
+    from scipy.stats import f as f_dist
+
     return float(f_dist.sf((rss_power - rss_floor) / (rss_floor / dof), 1, dof))
 
 

@@ -111,21 +111,20 @@ def _exact_and_batch(vcfg: ScalingConfig) -> tuple[bool, int]:
 def pack_memory(vcfg: ScalingConfig) -> Callable[[Sequence[int]], int]:
     """Peak bytes of a pack of networks of the given widths under ``vcfg``'s pack-level settings (from the
     specs alone: no task is built, so an absurd width or dimension is caught before any tensor exists)."""
-    import torch
-
     from workers.engine import estimate_pack_bytes
+    from workers.engine.memory import DTYPE_BYTES
 
     task_spec = vcfg.task.spec()
     tr = traits(task_spec)
     exact, batch = _exact_and_batch(vcfg)
-    dtype = getattr(torch, vcfg.execution.dtype)
+    dtype = vcfg.execution.dtype
 
     # The task's own tensors (estimate_pack_bytes counts the networks): the 3-spin couplings (d^3), the
     # teacher, and the fixed training and test sets. They matter at absurd dimensions, where building the
     # task alone would exhaust a worker.
     coeffs = {TaskKind.SPHERICAL_3SPIN: tr.dim**3, TaskKind.TEACHER: task_spec.teacher_units * (tr.dim + tr.out_dim)}
     task_items = coeffs.get(task_spec.kind, 0) + (task_spec.n_train + task_spec.n_test) * (tr.dim + tr.out_dim)
-    task_bytes = task_items * dtype.itemsize
+    task_bytes = task_items * DTYPE_BYTES[dtype]
 
     def mem(widths: Sequence[int]) -> int:
         return task_bytes + estimate_pack_bytes(widths, batch=batch, dim=tr.dim, out_dim=tr.out_dim, dtype=dtype,

@@ -12,11 +12,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
-import torch
 
-from .engine import NetStatus, Pack
+from .engine import NetStatus
+
+if TYPE_CHECKING:
+    from .engine import Pack
 from .jobs import PackEvent, PackJob, WorkerInfo
 from .reportlog import LOG_BYTES, ReportLog, read_events
 
@@ -32,6 +35,9 @@ class PackRunner:
     """Trains packs on one device. Invariant: a job whose checkpoint exists resumes from it."""
 
     def __init__(self, device: str = "auto", threads: int | None = None, slots_per_node: int = 1) -> None:
+        # torch loads here, in the worker: the driver, which only creates actors, starts without it.
+        import torch
+
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -60,6 +66,8 @@ class PackRunner:
 
     def info(self) -> WorkerInfo:
         if self.device.type == "cuda":
+            import torch
+
             mem = torch.cuda.get_device_properties(self.device).total_memory
         else:
             mem = _ram_bytes() // self.slots_per_node
@@ -70,6 +78,10 @@ class PackRunner:
         """Train ``job`` to the end, yielding every report; checkpoint every ``checkpoint_every`` steps. A job
         whose checkpoint exists continues from it, without replaying what it reported before: each report
         also goes to the pack's report log (:mod:`workers.reportlog`), which a resumed driver reads."""
+        import torch
+
+        from .engine import Pack
+
         t0 = time.perf_counter()
         ck = Path(job.checkpoint) if job.checkpoint else None
         # A dataset's arrays arrive as an object-store reference (Ray) or as the arrays (local pool).

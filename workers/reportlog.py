@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import IO
 
-from .engine import Pack, Report
-from .engine.pack import report_from_json, report_to_json
+from .engine import Report
+from .engine.reports import report_from_json, report_to_json
 from .jobs import PackEvent
 
 LOG_BYTES = "report_log_bytes"
@@ -81,6 +81,8 @@ def read_events(checkpoint: str | os.PathLike[str], pack_id: str) -> list[PackEv
 
 
 def _legacy(checkpoint: str | os.PathLike[str]) -> list[Report]:
+    from .engine import Pack  # torch: only format-1 checkpoints need it
+
     return Pack.legacy_history(checkpoint) or []
 
 

@@ -28,3 +28,24 @@ def test_engine_import_does_not_pull_ray_optuna_mlflow() -> None:
     after_engine, control = json.loads(out.stdout.strip().splitlines()[-1])
     assert after_engine == []
     assert control == ["optuna.samplers"]
+
+
+DRIVER_PROBE = """
+import json, sys
+import orchestrator.cli, orchestrator.scaling
+from orchestrator.config import load
+from orchestrator.plan import plan_networks, plan_packs
+cfg = load(None)
+jobs = plan_packs(cfg, plan_networks(cfg), n_workers=2, memory_bytes=1 << 33, checkpoint_dir=None)
+print(json.dumps([len(jobs), sorted(m for m in ("torch", "scipy", "mlflow") if m in sys.modules)]))
+"""
+
+
+def test_driver_starts_without_torch_scipy_or_mlflow() -> None:
+    # The driver's start-up is on the path to the first training step: torch loads in the workers, MLflow in
+    # the tracker's thread beside the pool's start, scipy when a fit runs (bench/startup.py).
+    out = subprocess.run([sys.executable, "-c", DRIVER_PROBE], capture_output=True, text=True, timeout=120,
+                         check=True)
+    n_jobs, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert n_jobs > 0
+    assert loaded == []

@@ -13,7 +13,7 @@ import torch
 
 from workers.actor import PackRunner
 from workers.engine import Algorithm, DynamicsSpec, ModelSpec, NetworkSpec, Pack, Report, TaskKind, TaskSpec
-from workers.engine.pack import report_to_json
+from workers.engine.reports import report_to_json
 from workers.jobs import PackEvent, PackJob
 from workers.reportlog import LOG_BYTES, log_path, read_events
 

@@ -1,8 +1,9 @@
 """The particle engine: mean-field two-layer networks as packed interacting particles (torch only).
 
 Importing this package must not import ray, optuna or mlflow. It does not import torch either: the specs
-(:mod:`.specs`) and the compatibility rules (:mod:`.compat`) are plain Python, loaded at once, so validating
-a config takes milliseconds; every torch-backed name (``Pack``, ``make_task``, ...) is loaded from its
+(:mod:`.specs`), the compatibility rules (:mod:`.compat`), the reports (:mod:`.reports`), seeds and memory
+planning are plain Python, loaded at once, so validating a config takes milliseconds and the driver runs
+without torch; every torch-backed name (``Pack``, ``make_task``, ...) is loaded from its
 module on first use (PEP 562 module ``__getattr__``), so ``from workers.engine import Pack`` works as usual.
 """
 
@@ -12,6 +13,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .compat import SpecTraits, check_compatible, traits
+from .memory import estimate_pack_bytes
+from .reports import NetMetrics, Report, Retired
+from .rng import derive_seed
 from .specs import (
     Algorithm,
     Component,
@@ -40,23 +44,18 @@ if TYPE_CHECKING:  # the lazily loaded names, for type checkers and IDEs
     from .birth_death import Resampling, probabilities, resample
     from .pack import (
         DataStream,
-        NetMetrics,
         Pack,
-        Report,
-        Retired,
-        estimate_pack_bytes,
         init_particles,
         uses_exact_energy,
     )
-    from .rng import derive_seed, generator
+    from .rng import generator
     from .tasks import EXAMPLE_A, SPLIT_KEYS, SplitArrays, Task, gaussian_overlap, import_target, make_task
 
 #: Torch-backed names -> the submodule that defines them.
 _LAZY = {
     **dict.fromkeys(("Resampling", "probabilities", "resample"), "birth_death"),
-    **dict.fromkeys(("DataStream", "NetMetrics", "Pack", "Report", "Retired", "estimate_pack_bytes",
-                     "init_particles", "uses_exact_energy"), "pack"),
-    **dict.fromkeys(("derive_seed", "generator"), "rng"),
+    **dict.fromkeys(("DataStream", "Pack", "init_particles", "uses_exact_energy"), "pack"),
+    "generator": "rng",
     **dict.fromkeys(("EXAMPLE_A", "SPLIT_KEYS", "SplitArrays", "Task", "gaussian_overlap", "import_target",
                      "make_task"), "tasks"),
 }

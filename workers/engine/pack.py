@@ -20,7 +20,6 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 
 from . import birth_death, kernels
 from .compat import check_compatible
+from .reports import NetMetrics, Report, Retired, estimate_from_json, report_from_json
 from .rng import DATA_STREAM, NETWORK_STREAM, derive_seed, generator
 from .schedule import lr_factor
 from .specs import (
@@ -52,87 +52,6 @@ from .tasks import GaussianMixtureTask, SplitArrays, Task, make_task
 Tensor = torch.Tensor
 CHECKPOINT_FORMAT = 2
 """2: state only. 1 (read, not written) also held the report history, which the report log now keeps."""
-
-
-@dataclass(frozen=True)
-class NetMetrics:
-    """Losses of one network at one step. ``train_loss`` is the mean loss of the steps since the last report
-    (None at step 0); under exact energies both losses are the population loss."""
-
-    net_id: int
-    step: int
-    train_loss: float | None
-    test_loss: float
-
-
-@dataclass(frozen=True)
-class Retired:
-    """A network that left its pack, and why."""
-
-    net_id: int
-    step: int
-    status: NetStatus
-    reason: str
-    final_test_loss: float | None
-    """The last test loss."""
-    estimate: Estimate | None = None
-    """The final-window estimate (mean, standard error, slope, converged); None for diverged, pruned and
-    failed networks."""
-
-    @property
-    def result_loss(self) -> float | None:
-        """The network's result: the final-window mean where there is one, else the last test loss."""
-        return self.estimate.mean if self.estimate is not None else self.final_test_loss
-
-
-@dataclass(frozen=True)
-class Report:
-    """What a pack emits at each reporting step."""
-
-    step: int
-    metrics: tuple[NetMetrics, ...]
-    retired: tuple[Retired, ...]
-    done: bool
-    bd_events: dict[int, tuple[int, int]] = field(default_factory=dict)
-    """net_id -> (kills, clones) accumulated since the last report."""
-
-    def values(self, m: NetMetrics) -> dict[str, float]:
-        """The metrics to record for one of this report's networks (test, train, birth-death counts)."""
-        vals = {"test_loss": m.test_loss}
-        if m.train_loss is not None:
-            vals["train_loss"] = m.train_loss
-        kc = self.bd_events.get(m.net_id)
-        if kc is not None:
-            vals["bd_kills"], vals["bd_clones"] = float(kc[0]), float(kc[1])
-        return vals
-
-
-def report_to_json(rep: Report) -> dict[str, Any]:
-    return {
-        "step": rep.step, "done": rep.done,
-        "metrics": [[m.net_id, m.step, m.train_loss, m.test_loss] for m in rep.metrics],
-        "retired": [[r.net_id, r.step, r.status.value, r.reason, r.final_test_loss, _estimate_json(r.estimate)]
-                    for r in rep.retired],
-        "bd": [[k, v[0], v[1]] for k, v in rep.bd_events.items()],
-    }
-
-
-def report_from_json(d: dict[str, Any]) -> Report:
-    return Report(
-        step=d["step"], done=d["done"],
-        metrics=tuple(NetMetrics(*m) for m in d["metrics"]),
-        retired=tuple(Retired(r[0], r[1], NetStatus(r[2]), r[3], r[4], _estimate_from(r[5] if len(r) > 5 else None))
-                      for r in d["retired"]),
-        bd_events={k: (a, b) for k, a, b in d["bd"]},
-    )
-
-
-def _estimate_json(est: Estimate | None) -> dict[str, Any] | None:
-    return None if est is None else dataclasses.asdict(est)
-
-
-def _estimate_from(d: dict[str, Any] | None) -> Estimate | None:
-    return None if d is None else Estimate(**d)
 
 
 def uses_exact_energy(task: Task, model: ModelSpec, dynamics: DynamicsSpec) -> bool:
@@ -829,7 +748,7 @@ class Pack:
         for rec in meta["retired"]:
             self.retired[rec["net_id"]] = Retired(
                 rec["net_id"], rec["step"], NetStatus(rec["status"]), rec["reason"], rec["final_test_loss"],
-                _estimate_from(rec.get("estimate")),
+                estimate_from_json(rec.get("estimate")),
             )
         running = {i for g in self.groups for i in g.ids}
         self.windows = {int(i): Window.from_state(st) for i, st in meta.get("windows", {}).items()
@@ -844,38 +763,3 @@ class Pack:
                 g.end_birth_death(r)
         # Retirements not yet reported when the checkpoint was taken still go out with the next report.
         self._pending = [self.retired[i] for i in meta.get("pending", [])]
-
-
-def estimate_pack_bytes(
-    widths: Sequence[int],
-    *,
-    batch: int,
-    dim: int,
-    out_dim: int = 1,
-    dtype: torch.dtype = torch.float32,
-    exact: bool = False,
-    n_test: int = 4096,
-) -> int:
-    """Peak memory of a pack of networks with these widths (one entry per network), in bytes.
-
-    Parameters and their copies live for the whole run; the (S, P, n) activation buffers (two per group,
-    plus a (S, P, k) output) and, under exact energies, the (S, n, n) kernel are per group and freed before
-    the next group, so the peak holds the largest group's buffers. The test evaluation is chunked to at
-    most 2^24 activations.
-    """
-    if any(w < 1 for w in widths):
-        raise ValueError("widths must be positive")
-    item = torch.finfo(dtype).bits // 8
-    by_width: dict[int, int] = {}
-    for w in widths:
-        by_width[w] = by_width.get(w, 0) + 1
-    params = sum(w * (dim + 1 + out_dim) for w in widths) * 3  # params, gradients, birth-death copies
-    per_group = []
-    for w, s in by_width.items():
-        act = 2 * s * batch * w + s * batch * out_dim
-        if exact:
-            act = 3 * s * w * w + 2 * s * w * (dim + out_dim)
-        per_group.append(act)
-    eval_chunk = min(1 << 24, max(by_width.values()) * max(by_width) * n_test) * 2
-    data = batch * (dim + out_dim) * 2
-    return item * (params + max(per_group) + eval_chunk + data)

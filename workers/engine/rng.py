@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use: the driver derives seeds without it
+    import torch
 
 
 def derive_seed(*keys: int) -> int:
@@ -15,6 +17,8 @@ def derive_seed(*keys: int) -> int:
 
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on ``device`` seeded with ``seed``."""
+    import torch
+
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
