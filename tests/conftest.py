@@ -33,6 +33,21 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # The MLflow store template (orchestrator/tracking/sqlite_seed.py) goes to a folder of the test session,
+    # not the user's ~/.cache; commands the tests start inherit it.
+    before = os.environ.get("MFSWEEP_CACHE")
+    os.environ["MFSWEEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MFSWEEP_CACHE", None)
+        else:
+            os.environ["MFSWEEP_CACHE"] = before
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

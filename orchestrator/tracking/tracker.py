@@ -31,6 +31,7 @@ from .common import (
     one_line,
 )
 from .runs import RunBook
+from .sqlite_seed import seed_store
 from .sqlstore import BULK_DIALECTS, BulkSqlStore
 from .stores import ClientStore, RestStore, Store
 from .writer import Writer, call_with_retry
@@ -153,6 +154,7 @@ class Tracker:
         except OSError as exc:
             raise TrackingError(f"cannot create the directory of MLflow store {self.tracking_uri}: "
                                 f"{exc.strerror}; pass a writable --tracking-uri") from exc
+        seed_store(db)
 
     def _get_or_create_experiment(self, name: str, artifact_location: str | None, tags: dict[str, str]) -> Any:
         exp = self._client.get_experiment_by_name(name)
