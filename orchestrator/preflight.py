@@ -11,6 +11,7 @@ RayPool/LocalPool will find. On a remote cluster they can only be checked after 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -105,27 +106,44 @@ def _ram_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def _may_have_gpu() -> bool:
+    """False only where no NVIDIA or ROCm driver is present: torch (seconds to import, on the way to the first
+    training step) is then not needed to learn that there is no GPU."""
+    return (Path("/proc/driver/nvidia").exists() or Path("/dev/kfd").exists()  # NVIDIA, ROCm
+            or any(shutil.which(tool) for tool in ("nvidia-smi", "rocm-smi")))
+
+
+def _torch_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpu_memory(index: int) -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
 def local_worker_memory(ex: ExecutionConfig) -> tuple[int, str]:
     """(bytes, description) of the memory one local worker plans against, as PackRunner.info() reports it:
     the smallest GPU's memory, or this machine's RAM shared among the CPU workers. Raises ServiceError for
     ``cuda`` without a usable GPU, ConfigError for more workers than the machine can place (Ray would wait
     for them)."""
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = 0 if not _may_have_gpu() else _torch_gpus()
     if ex.device == "cuda" and gpus == 0:
         raise ServiceError("execution.device=cuda but this machine has no usable GPU (torch sees no CUDA "
                            "device); use --device cpu or auto, or run on a GPU machine / --address cluster")
     if ex.backend == "local":  # one in-process worker
         if gpus and ex.device != "cpu":
-            return int(torch.cuda.get_device_properties(0).total_memory), "the GPU"
+            return _gpu_memory(0), "the GPU"
         return _ram_bytes(), "this machine"
     cpus = _cpus()
     if gpus and ex.device != "cpu":
         if ex.workers is not None and ex.workers > gpus:
             raise ConfigError(f"execution.workers={ex.workers} but this machine has {gpus} GPU(s) (one worker "
                               f"each); set execution.workers <= {gpus} or leave it unset")
-        mem = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+        mem = min(_gpu_memory(i) for i in range(gpus))
         return int(mem), "a GPU worker"
     if ex.cpus_per_worker > cpus:
         raise ConfigError(f"execution.cpus_per_worker={ex.cpus_per_worker} but this machine has {cpus} CPUs; set "
