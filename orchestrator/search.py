@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import threading
 import time
 import uuid
@@ -62,8 +61,8 @@ from .config import ConfigError, ScalingConfig, dump
 from .credentials import PASSWORD_ENV, has_password, redact, strip_password
 from .driver import Interrupted, close_tracker, open_pool, progress_bar, run_tags
 from .ledger import Ledger
-from .plan import network_settings, plan
 from .plan import network_spec as plan_network_spec
+from .plan import plan
 from .pool import (
     JobFailure,
     PoolError,
@@ -82,6 +81,7 @@ from .search_report import (
     reeval_seed,
     top,
 )
+from .search_runs import TrialRuns
 from .study import (
     DRIVER_ATTR,
     KEY_ATTR,
@@ -89,6 +89,7 @@ from .study import (
     RETRY_ATTR,
     StorageError,
     TrialBook,
+    keep_alive,
     make_pruner,
     make_sampler,
     on_stale,
@@ -256,6 +257,8 @@ class SearchRun:
             **run_tags("search", self.search_key, self.out), "mfsweep.study": self.study_name,
             "mfsweep.storage": self.storage_desc, "mfsweep.trials": str(cfg.search.trials)})
         self.tracker.log_artifact(self.parent, self.out / "search.yaml")
+        self.runs = TrialRuns(cfg, self.out, self.tracker, self.ledger, self.parent, self._resolve,
+                              compute_resource=self.compute_resource, search_key=self.search_key)
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -268,12 +271,13 @@ class SearchRun:
         else:
             pool = None
             self._open_tracking()
-        self._sync_mlflow()
+        self.runs.sync(self.study)
         closer: threading.Thread | None = None
         if pool is not None:
             try:
                 self.pool = pool
-                self._heartbeat_thread()
+                if self.storage.heartbeat is not None:
+                    keep_alive(self.storage.heartbeat, self._heartbeat_ids, self._hb_stop, HEARTBEAT_S)
                 self.console.print(
                     f"[bold]{cfg.name}[/]: study '{self.study_name}' ({self.storage_desc}), {done}/{target} "
                     f"trials done, up to {cfg.search.parallel} in flight on {pool.n_workers} {pool.device} "
@@ -378,7 +382,7 @@ class SearchRun:
         for lv in interrupted:
             why = f"driver interrupted at step {lv.last_step}; retried as a new trial"
             self.book.retry(self._frozen(lv.number), why)
-            self._log_end(lv.run_id, self._frozen(lv.number))
+            self.runs.end(lv.run_id, self._frozen(lv.number))
             self._told.append(lv.number)
         self._flush_told()
         if self.stop.is_set():
@@ -386,7 +390,7 @@ class SearchRun:
 
     def _flush_told(self) -> None:
         if self._told:
-            self._flush_synced(self._told)
+            self.runs.mark_synced(self._told)
             self._told = []
 
     def _interrupted(self) -> Interrupted:
@@ -418,26 +422,15 @@ class SearchRun:
         steps = tcfg.dynamics.steps if tcfg is not None else self.cfg.steps_for(width)
         trial.set_user_attr("width", width)
         trial.set_user_attr("steps", steps)
-        run = self._child(trial.number, params, width, steps, tcfg)
+        run = self.runs.start(trial.number, params, width, steps, tcfg)
         lv = _Live(trial.number, trial.number, params, width, steps, run, trial=trial,
                    trial_id=self.book.trial_id(trial.number) if self.storage.heartbeat else None, cfg=tcfg,
                    fail_reason=reason)
         self.live[lv.net_id] = lv
         return lv
 
-    def _child(self, number: int, params: Mapping[str, Any], width: int, steps: int,
-               tcfg: ScalingConfig | None, suffix: str = "") -> str:
-        key = f"trial-{number:05d}{suffix}"
-        p: dict[str, Any] = {**params, "trial_number": number, "width": width, "steps": steps}
-        if tcfg is not None:
-            p.update({"unit": tcfg.model.unit.value, "batch_size": tcfg.dynamics.batch_size,
-                      **network_settings(tcfg)})
-        name = f"trial {number} width={width}"  # the MLflow run name; ``key`` stays the stable identity
-        if suffix.startswith("-seed"):
-            name += f" seed={suffix.removeprefix('-seed')} (re-evaluation)"
-        elif suffix:
-            name += " (fidelity)"
-        return self.tracker.start_child(self.parent, key, name, p, {"mfsweep.trial_number": str(number)})
+    def _heartbeat_ids(self) -> list[int]:
+        return [lv.trial_id for lv in list(self.live.values()) if lv.trial_id is not None]
 
     def _spec(self, lv: _Live) -> NetworkSpec:
         assert lv.cfg is not None
@@ -527,77 +520,10 @@ class SearchRun:
         trial.set_user_attr("steps_trained", lv.steps_trained)
         trial.set_user_attr(REASON_ATTR, reason)
         frozen = self.study.tell(trial, values, state=state, skip_if_finished=True)
-        self._log_end(lv.run_id, frozen)
+        self.runs.end(lv.run_id, frozen)
         self.live.pop(lv.net_id, None)
         self._told.append(lv.number)
         self._told_now += 1
-
-    # ------------------------------------------------------------------ recovery
-    def _heartbeat_thread(self) -> None:
-        """Record heartbeats of this driver's running trials (RDB storages), so that other drivers sharing the
-        study do not fail them as stale."""
-        storage = self.storage.heartbeat
-        if storage is None:
-            return
-
-        def beat() -> None:
-            while not self._hb_stop.wait(HEARTBEAT_S):
-                with contextlib.suppress(Exception):  # a missed beat (or a racing dict) retries next interval
-                    for trial_id in [lv.trial_id for lv in list(self.live.values()) if lv.trial_id is not None]:
-                        storage.record_heartbeat(trial_id)
-
-        threading.Thread(target=beat, name="mfsweep-optuna-heartbeat", daemon=True).start()
-
-    # ------------------------------------------------------------------ MLflow
-    def _log_end(self, run_id: str, t: FrozenTrial) -> None:
-        final: dict[str, float] = {}
-        ps = t.user_attrs.get(PS_ATTR)
-        if ps is not None:
-            final[PS_ATTR] = float(ps)
-        if t.user_attrs.get("steps_trained") is not None:
-            final["steps_trained"] = float(t.user_attrs["steps_trained"])
-        if t.values:
-            final["final_test_loss"] = float(t.values[0])
-        step = int(t.user_attrs.get("steps_trained") or t.last_step or 0)
-        reason = str(t.user_attrs.get(REASON_ATTR, "")) or ("retried" if t.state == TrialState.FAIL else "")
-        status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(t.state, "FAILED")
-        self.ledger.close_run(run_id, final, step, {"optuna.state": t.state.name, "mfsweep.reason": reason[:500],
-                                                    "mfsweep.trial_number": str(t.number)}, status)
-
-    def _synced_path(self) -> Path:
-        return self.out / "mlflow_synced.json"
-
-    def _synced(self) -> set[int]:
-        p = self._synced_path()
-        return set(json.loads(p.read_text())) if p.exists() else set()
-
-    def _flush_synced(self, numbers: Sequence[int]) -> None:
-        self.tracker.flush()  # the runs' ends are stored before we say so
-        synced = self._synced() | set(numbers)
-        tmp = self._synced_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(synced)))
-        os.replace(tmp, self._synced_path())
-
-    def _sync_mlflow(self) -> None:
-        """Give every finished trial of this search a final MLflow child run (trials a killed driver told, or
-        failed on recovery, may lack one)."""
-        synced = self._synced()
-        todo = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()
-                and t.number not in synced and t.user_attrs.get(KEY_ATTR) == self.search_key]
-        for t in todo:
-            width = int(t.user_attrs.get("width", self.cfg.search.trial_width))
-            steps = int(t.user_attrs.get("steps", self.cfg.steps_for(width)))
-            try:
-                tcfg: ScalingConfig | None = self._resolve(t.params)[0]
-            except ConfigError:
-                tcfg = None
-            run = self._child(t.number, t.params, width, steps, tcfg)
-            for step, v in sorted(t.intermediate_values.items()):
-                at = step // width if self.compute_resource else step  # Optuna's step may be particle-steps
-                self.tracker.log_metrics(run, {"test_loss": v}, at)
-            self._log_end(run, t)
-        if todo:
-            self._flush_synced([t.number for t in todo])
 
     # ------------------------------------------------------------------ width as fidelity
     def _top(self, k: int | None = None) -> list[FrozenTrial]:
@@ -634,7 +560,7 @@ class SearchRun:
         tcfg, trial_width = self._resolve(t.params)
         width = trial_width if width is None else width
         steps = tcfg.dynamics.steps
-        run = self._child(t.number, t.params, width, steps, tcfg, suffix=suffix)
+        run = self.runs.start(t.number, t.params, width, steps, tcfg, suffix=suffix)
         return _Live(net_id, t.number, dict(t.params), width, steps, run, cfg=tcfg, seed=seed, key=key)
 
     def _run_stage(self, lives: Sequence[_Live], jobs: list[PackJob], state: str) -> None:
@@ -705,7 +631,7 @@ class SearchRun:
         self._run_stage(lives, jobs, "REEVALUATED")
 
     def _finish(self) -> dict[str, Any]:
-        self._sync_mlflow()
+        self.runs.sync(self.study)
         return SearchReport(self.cfg, self.study, self.study_name, self.out, self.console, self.tracker,
                             self.parent, self.storage_desc, self.tracking_uri).finish()
 

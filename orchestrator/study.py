@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,20 @@ def open_storage(url: str | None, out: Path, on_stale: Callable[[optuna.Study, F
                            f"(e.g. postgresql://user@host/db, with the password in {PASSWORD_ENV}, PGPASSWORD "
                            "or PGPASSFILE) or omit it for a journal file") from None
     return Storage(main, redact(url), heartbeat)
+
+
+def keep_alive(storage: optuna.storages.RDBStorage, trial_ids: Callable[[], Iterable[int]],
+               stop: threading.Event, every_s: float) -> None:
+    """Record a heartbeat of ``trial_ids()`` (this driver's running trials) every ``every_s`` seconds until
+    ``stop``, so that other drivers sharing an RDB study do not fail them as stale."""
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(Exception):  # a missed beat (or a racing dict) retries next interval
+                for trial_id in trial_ids():
+                    storage.record_heartbeat(trial_id)
+
+    threading.Thread(target=beat, name="mfsweep-optuna-heartbeat", daemon=True).start()
 
 
 def on_stale(study: optuna.Study, t: FrozenTrial) -> None:
