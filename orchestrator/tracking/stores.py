@@ -1,9 +1,12 @@
 """The write back-ends behind one protocol: each turns a write segment into the store calls that apply it.
 
 * :class:`ClientStore`: ``MlflowClient.log_batch`` / ``set_terminated`` (any store MLflow's client opens).
-* :class:`RestStore`: an ``http(s)://`` tracking server through ``runs/log-batch`` and ``runs/update`` with
-  MLflow's own request code but without its multi-minute retry loop (the writer's backoff replaces it, so a
-  restarted server is picked up within seconds); reached only through :mod:`orchestrator.libcompat`.
+* :class:`RestStore`: an ``http(s)://`` tracking server through ``runs/create``, ``runs/search``,
+  ``runs/log-batch`` and ``runs/update`` with MLflow's own request code but without its multi-minute retry
+  loop (the writer's backoff replaces it, so a restarted server is picked up within seconds); reached only
+  through :mod:`orchestrator.libcompat`. The server picks run ids, so a new run gets a session-local handle at
+  once and the writer creates it on a small thread pool (requests in flight together), mapping the handle to
+  the server's id before any other write of that run.
 * :class:`~orchestrator.tracking.sqlstore.BulkSqlStore`: guarded bulk SQL into SQLite/PostgreSQL stores.
 
 Per run, one ``log_batch`` call carries its tags with its first metrics (MLflow's limits per call: 1000 metrics,
@@ -12,7 +15,10 @@ Per run, one ``log_batch`` call carries its tags with its first metrics (MLflow'
 
 from __future__ import annotations
 
+import threading
+import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Protocol
 
@@ -21,14 +27,26 @@ from mlflow.entities import Metric, Param, RunTag
 
 from .. import libcompat
 from .common import (
+    CHILD_KEY_TAG,
     MAX_METRICS_PER_CALL,
     MAX_PARAMS_TAGS_PER_CALL,
+    PARENT_TAG,
+    RUN_NAME_TAG,
+    USER_TAG,
+    CreateOp,
     EndOp,
     Segment,
     Step,
+    chunks,
+    quote,
 )
 
 _HTTP_TIMEOUT_S = 60
+# Creation requests in flight together: enough to hide a request's latency, few enough not to crowd a
+# small server (each creation is a create + a params request).
+CREATE_POOL = 4
+PENDING_PREFIX = "pending-"
+"""Starts a RestStore's handle for a run not created yet (never an MLflow run id: MLflow rejects it)."""
 
 
 class Store(Protocol):
@@ -41,6 +59,14 @@ class Store(Protocol):
 
     def plan(self, seg: Segment) -> list[Step]:
         """The writes that apply ``seg``: creations, then params/tags, then points, then ends."""
+        ...
+
+    def new_run_id(self) -> str:
+        """The id (or handle) of a run the writer will create (stores with ``creates_runs``)."""
+        ...
+
+    def resolve(self, run_id: str) -> str | None:
+        """The MLflow run id of ``run_id`` (itself unless it is a handle); None while not created."""
         ...
 
     def close(self) -> None:
@@ -63,6 +89,12 @@ class _PerRunStore:
     def plan(self, seg: Segment) -> list[Step]:
         assert not seg.creates, "this store creates runs synchronously"
         return self.plan_runs(seg, seg.params, seg.tags, seg.points, list(seg.ends.values()))
+
+    def new_run_id(self) -> str:
+        raise NotImplementedError("this store creates runs synchronously")
+
+    def resolve(self, run_id: str) -> str | None:
+        return run_id
 
     def plan_runs(self, seg: Segment, params_of: Mapping[str, Mapping[str, str]],
                   tags_of: Mapping[str, Mapping[str, str]], points: Sequence[Any],
@@ -116,20 +148,85 @@ class ClientStore(_PerRunStore):
 
 
 class RestStore(_PerRunStore):
-    """A tracking server, one REST request per call and no retries inside (the writer retries)."""
+    """A tracking server, one REST request per call and no retries inside (the writer retries); new runs
+    created off the caller's path (see the module docstring)."""
 
     name = "rest"
+    creates_runs = True
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, experiment_id: str) -> None:
         self._uri = tracking_uri
+        self._experiment_id = experiment_id
+        self._ids: dict[str, str] = {}  # handle -> the server's run id, once created
+        self._tried: set[str] = set()  # handles whose creation was sent at least once
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(CREATE_POOL, thread_name_prefix="mfsweep-mlflow-create")
+
+    def new_run_id(self) -> str:
+        return f"{PENDING_PREFIX}{uuid.uuid4().hex}"
+
+    def resolve(self, run_id: str) -> str | None:
+        if not run_id.startswith(PENDING_PREFIX):
+            return run_id
+        with self._lock:
+            return self._ids.get(run_id)
+
+    def _id(self, run_id: str) -> str:
+        return self.resolve(run_id) or run_id  # an uncreated handle: the server answers "not found"
+
+    def plan(self, seg: Segment) -> list[Step]:
+        steps = [Step(f"creation of {len(part)} runs", 0, partial(self._create, part))
+                 for part in chunks(seg.creates, 64)]
+        return steps + self.plan_runs(seg, seg.params, seg.tags, seg.points, list(seg.ends.values()))
+
+    def _create(self, creates: Sequence[CreateOp]) -> None:
+        """Create the runs not created yet, ``CREATE_POOL`` at a time; a retry redoes only the rest (the
+        first error is raised once every request of this call has returned)."""
+        with self._lock:
+            todo = [c for c in creates if c.run_id not in self._ids]
+        for future in [self._pool.submit(self._create_one, c) for c in todo]:
+            future.result()
+
+    def _create_one(self, c: CreateOp) -> None:
+        with self._lock:
+            retried = c.run_id in self._tried
+            self._tried.add(c.run_id)
+        run_id = self._find(c) if retried else None  # an earlier attempt may have created it
+        if run_id is None:
+            tags = [RunTag(k, v) for k, v in {**c.tags, RUN_NAME_TAG: c.name}.items()]
+            body = libcompat.create_run_body(self._experiment_id, c.tags.get(USER_TAG, "unknown"), c.start_ms,
+                                             tags, c.name)
+            resp = self._post("/api/2.0/mlflow/runs/create", body)
+            run_id = str(resp.json()["run"]["info"]["run_id"])
+        params = [Param(k, v) for k, v in c.params.items()]
+        for i in range(0, len(params), MAX_PARAMS_TAGS_PER_CALL):
+            self.log_batch(run_id, [], params[i:i + MAX_PARAMS_TAGS_PER_CALL], [])
+        with self._lock:
+            self._ids[c.run_id] = run_id
+
+    def _find(self, c: CreateOp) -> str | None:
+        """The run a previous attempt created (same network key under the same parent), if any."""
+        key, parent = c.tags.get(CHILD_KEY_TAG), c.tags.get(PARENT_TAG)
+        if key is None or parent is None:
+            return None
+        filt = f"tags.`{CHILD_KEY_TAG}` = {quote(key)} and tags.`{PARENT_TAG}` = {quote(parent)}"
+        resp = self._post("/api/2.0/mlflow/runs/search",
+                          {"experiment_ids": [self._experiment_id], "filter": filt, "max_results": 1,
+                           "order_by": ["attributes.start_time ASC"]})
+        runs = resp.json().get("runs", [])
+        return str(runs[0]["info"]["run_id"]) if runs else None
 
     def log_batch(self, run_id: str, metrics: Sequence[Metric], params: Sequence[Param],
                   tags: Sequence[RunTag]) -> None:
-        self._post("/api/2.0/mlflow/runs/log-batch", libcompat.log_batch_body(run_id, metrics, params, tags))
+        rid = self._id(run_id)
+        self._post("/api/2.0/mlflow/runs/log-batch", libcompat.log_batch_body(rid, metrics, params, tags))
 
     def end(self, end: EndOp) -> None:
-        self._post("/api/2.0/mlflow/runs/update",
-                   libcompat.update_run_body(end.run_id, end.status, end.end_time_ms))
+        rid = self._id(end.run_id)
+        self._post("/api/2.0/mlflow/runs/update", libcompat.update_run_body(rid, end.status, end.end_time_ms))
 
-    def _post(self, endpoint: str, body: Mapping[str, Any]) -> None:
-        libcompat.mlflow_request(self._uri, endpoint, body, timeout=_HTTP_TIMEOUT_S)
+    def _post(self, endpoint: str, body: Mapping[str, Any]) -> Any:
+        return libcompat.mlflow_request(self._uri, endpoint, body, timeout=_HTTP_TIMEOUT_S)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
