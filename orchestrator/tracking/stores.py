@@ -78,6 +78,8 @@ class _PerRunStore:
 
     name = "log_batch"
     creates_runs = False
+    concurrent = False
+    """Whether the per-run requests of a segment may be in flight together (waves)."""
 
     def log_batch(self, run_id: str, metrics: Sequence[Metric], params: Sequence[Param],
                   tags: Sequence[RunTag]) -> None:
@@ -106,13 +108,15 @@ class _PerRunStore:
             per_run.setdefault(op.run_id, []).extend(
                 Metric(k, v, op.timestamp_ms, op.step) for k, v in op.metrics.items())
         steps: list[Step] = []
+        # Points, params and tags of different runs are independent (wave 1); ends follow all of them (wave 2).
+        wave, end_wave = (1, 2) if self.concurrent else (None, None)
         for run_id, metrics in per_run.items():
             params = [Param(k, v) for k, v in params_of.get(run_id, {}).items()]
             tags = [RunTag(k, v) for k, v in tags_of.get(run_id, {}).items()]
             # MLflow rejects a whole log_batch over one changed param: params go alone, never with points/tags.
             for i in range(0, len(params), MAX_PARAMS_TAGS_PER_CALL):
                 steps.append(Step(f"params of run {run_id}", 0, partial(
-                    self.log_batch, run_id, [], params[i:i + MAX_PARAMS_TAGS_PER_CALL], [])))
+                    self.log_batch, run_id, [], params[i:i + MAX_PARAMS_TAGS_PER_CALL], []), wave))
             params = []
             n_calls = max(-(-len(metrics) // MAX_METRICS_PER_CALL), -(-len(params) // MAX_PARAMS_TAGS_PER_CALL),
                           -(-len(tags) // MAX_PARAMS_TAGS_PER_CALL))
@@ -121,9 +125,9 @@ class _PerRunStore:
                 p = params[i * MAX_PARAMS_TAGS_PER_CALL:(i + 1) * MAX_PARAMS_TAGS_PER_CALL]
                 t = tags[i * MAX_PARAMS_TAGS_PER_CALL:(i + 1) * MAX_PARAMS_TAGS_PER_CALL]
                 what = f"metrics of run {run_id}" if m else f"tags of run {run_id}"
-                steps.append(Step(what, len(m), partial(self.log_batch, run_id, m, p, t)))
+                steps.append(Step(what, len(m), partial(self.log_batch, run_id, m, p, t), wave))
         for end in ends:
-            steps.append(Step(f"end of run {end.run_id}", 0, partial(self.end, end)))
+            steps.append(Step(f"end of run {end.run_id}", 0, partial(self.end, end), end_wave))
         return steps
 
     def close(self) -> None:
@@ -153,6 +157,7 @@ class RestStore(_PerRunStore):
 
     name = "rest"
     creates_runs = True
+    concurrent = True
 
     def __init__(self, tracking_uri: str, experiment_id: str) -> None:
         self._uri = tracking_uri
