@@ -11,7 +11,10 @@ store writes with one bulk statement per table and write cycle:
   keeps the run's name column in step;
 * metric points: ``metrics`` insert-or-ignore, ``latest_metrics`` upsert keeping the max (step, timestamp,
   value), MLflow's ``_update_latest_metrics_if_necessary`` rule (NaN stored as 0 with is_nan, +-inf as
-  +-max double);
+  +-max double; of equal tuples the first logged stays);
+* on PostgreSQL (psycopg 3 or psycopg2) new rows go in by ``COPY`` (:mod:`.pgcopy`; a retried write falls back
+  to insert-or-ignore), and ``latest_metrics``, tags and ends by one set-based statement per batch (column
+  arrays through ``unnest``) instead of one statement per row;
 * run ends: one ``UPDATE runs`` for all of them.
 
 Params logged after creation go through ``MlflowClient.log_batch`` (MLflow must see and reject a changed
