@@ -5,8 +5,8 @@
   ``runs/log-batch`` and ``runs/update`` with MLflow's own request code but without its multi-minute retry
   loop (the writer's backoff replaces it, so a restarted server is picked up within seconds); reached only
   through :mod:`orchestrator.libcompat`. The server picks run ids, so a new run gets a session-local handle at
-  once and the writer creates it on a small thread pool (requests in flight together), mapping the handle to
-  the server's id before any other write of that run.
+  once and the writer creates it (a few requests in flight together: see ``Step.wave``), mapping the handle
+  to the server's id before any other write of that run.
 * :class:`~orchestrator.tracking.sqlstore.BulkSqlStore`: guarded bulk SQL into SQLite/PostgreSQL stores.
 
 Per run, one ``log_batch`` call carries its tags with its first metrics (MLflow's limits per call: 1000 metrics,
@@ -18,7 +18,6 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Protocol
 
@@ -37,14 +36,10 @@ from .common import (
     EndOp,
     Segment,
     Step,
-    chunks,
     quote,
 )
 
 _HTTP_TIMEOUT_S = 60
-# Creation requests in flight together: enough to hide a request's latency, few enough not to crowd a
-# small server (each creation is a create + a params request).
-CREATE_POOL = 4
 PENDING_PREFIX = "pending-"
 """Starts a RestStore's handle for a run not created yet (never an MLflow run id: MLflow rejects it)."""
 
@@ -164,8 +159,7 @@ class RestStore(_PerRunStore):
         self._experiment_id = experiment_id
         self._ids: dict[str, str] = {}  # handle -> the server's run id, once created
         self._tried: set[str] = set()  # handles whose creation was sent at least once
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(CREATE_POOL, thread_name_prefix="mfsweep-mlflow-create")
+        self._lock = threading.Lock()  # the writer's wave threads create runs concurrently
 
     def new_run_id(self) -> str:
         return f"{PENDING_PREFIX}{uuid.uuid4().hex}"
@@ -180,34 +174,30 @@ class RestStore(_PerRunStore):
         return self.resolve(run_id) or run_id  # an uncreated handle: the server answers "not found"
 
     def plan(self, seg: Segment) -> list[Step]:
-        steps = [Step(f"creation of {len(part)} runs", 0, partial(self._create, part))
-                 for part in chunks(seg.creates, 64)]
+        # Creations first, in flight together (wave 0); each run's other writes follow in later waves.
+        steps = [Step(f"creation of run {c.run_id}", 0, partial(self._create_one, c), 0) for c in seg.creates]
         return steps + self.plan_runs(seg, seg.params, seg.tags, seg.points, list(seg.ends.values()))
 
-    def _create(self, creates: Sequence[CreateOp]) -> None:
-        """Create the runs not created yet, ``CREATE_POOL`` at a time; a retry redoes only the rest (the
-        first error is raised once every request of this call has returned)."""
-        with self._lock:
-            todo = [c for c in creates if c.run_id not in self._ids]
-        for future in [self._pool.submit(self._create_one, c) for c in todo]:
-            future.result()
-
     def _create_one(self, c: CreateOp) -> None:
+        """Create the run and log its params; a retry after an answer that never came adopts the run that
+        attempt made (found by its network key under its parent) instead of making a second one."""
         with self._lock:
+            run_id = self._ids.get(c.run_id)  # set: created, then its params request failed
             retried = c.run_id in self._tried
             self._tried.add(c.run_id)
-        run_id = self._find(c) if retried else None  # an earlier attempt may have created it
+        if run_id is None:
+            run_id = self._find(c) if retried else None  # an earlier attempt may have created it
         if run_id is None:
             tags = [RunTag(k, v) for k, v in {**c.tags, RUN_NAME_TAG: c.name}.items()]
             body = libcompat.create_run_body(self._experiment_id, c.tags.get(USER_TAG, "unknown"), c.start_ms,
                                              tags, c.name)
             resp = self._post("/api/2.0/mlflow/runs/create", body)
             run_id = str(resp.json()["run"]["info"]["run_id"])
-        params = [Param(k, v) for k, v in c.params.items()]
-        for i in range(0, len(params), MAX_PARAMS_TAGS_PER_CALL):
-            self.log_batch(run_id, [], params[i:i + MAX_PARAMS_TAGS_PER_CALL], [])
         with self._lock:
             self._ids[c.run_id] = run_id
+        params = [Param(k, v) for k, v in c.params.items()]
+        for i in range(0, len(params), MAX_PARAMS_TAGS_PER_CALL):  # a retry sends them again: same values
+            self.log_batch(run_id, [], params[i:i + MAX_PARAMS_TAGS_PER_CALL], [])
 
     def _find(self, c: CreateOp) -> str | None:
         """The run a previous attempt created (same network key under the same parent), if any."""
@@ -233,5 +223,3 @@ class RestStore(_PerRunStore):
     def _post(self, endpoint: str, body: Mapping[str, Any]) -> Any:
         return libcompat.mlflow_request(self._uri, endpoint, body, timeout=_HTTP_TIMEOUT_S)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
