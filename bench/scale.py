@@ -134,7 +134,8 @@ def drive(uri: str, networks: int, workers: int, reports: int, interval_s: float
             "points_per_s": round(points / wall), "peak_rss_mb": round(rss_mb, 1),
             "uri": uri.split("@")[-1]}
     print(json.dumps(res), file=sys.stderr, flush=True)  # before the read-back, which is slow at 100k
-    return {**res, **readback(uri, tr.experiment_id, parent, child, reports, sample)}
+    ids = {n: tr.run_id(r) for n, r in child.items()}  # a server's new runs: handles until created
+    return {**res, **readback(uri, tr.experiment_id, parent, ids, reports, sample)}
 
 
 def readback(uri: str, experiment_id: str, parent: str, child: dict[int, str], reports: int,

@@ -70,6 +70,7 @@ def _mlflow(what: str) -> dict[str, Any]:
         return {"request": rest_utils.http_request, "verify": rest_utils.verify_rest_response,
                 "creds": credentials.get_default_host_creds, "to_json": proto_json_utils.message_to_json,
                 "LogBatch": service_pb2.LogBatch, "UpdateRun": service_pb2.UpdateRun,
+                "CreateRun": service_pb2.CreateRun,
                 "RunStatus": service_pb2.RunStatus}
     except (ImportError, AttributeError) as err:
         raise LibraryChanged(f"MLflow's REST helpers are gone ({err}), needed for {what}; install "
@@ -93,6 +94,15 @@ def log_batch_body(run_id: str, metrics: Sequence[Any], params: Sequence[Any], t
     m = _mlflow("runs/log-batch")
     msg = m["LogBatch"](run_id=run_id, metrics=[x.to_proto() for x in metrics],
                         params=[x.to_proto() for x in params], tags=[x.to_proto() for x in tags])
+    return dict(json.loads(m["to_json"](msg)))
+
+
+def create_run_body(experiment_id: str, user_id: str, start_time_ms: int, tags: Sequence[Any],
+                    run_name: str) -> dict:
+    """The documented ``runs/create`` JSON body (what ``MlflowClient.create_run`` sends)."""
+    m = _mlflow("runs/create")
+    msg = m["CreateRun"](experiment_id=str(experiment_id), user_id=user_id, start_time=start_time_ms,
+                         tags=[x.to_proto() for x in tags], run_name=run_name)
     return dict(json.loads(m["to_json"](msg)))
 
 

@@ -143,6 +143,9 @@ class Step(NamedTuple):
     what: str
     n_points: int
     fn: Callable[[], None]
+    wave: int | None = None
+    """Consecutive steps of the same wave are independent: the writer may apply them concurrently (a
+    tracking server's per-run requests); the next step waits for the whole wave."""
 
 
 # ------------------------------------------------------------------------------------------------- helpers

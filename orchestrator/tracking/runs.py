@@ -2,14 +2,15 @@
 run by its ``mfsweep.key`` tag under that parent, so a resumed sweep continues its runs instead of creating
 new ones; a reused run remembers the last step stored per metric, and points at or below it are dropped.
 
-New child runs cost the caller no I/O where the store lets the tracker pick the run id (bulk SQL): the id is
-a uuid4 hex like MLflow's and the writer creates the runs in bulk. Elsewhere (a tracking server, an untested
-schema) ``create_run`` is one synchronous call and the params follow through the queue."""
+New child runs cost the caller no I/O where the writer creates them: on bulk SQL the id is a uuid4 hex like
+MLflow's and the writer creates the runs in bulk; on a tracking server (which picks ids) it is a session-local
+handle the writer maps to the server's id when it has created the run (``mlflow_id`` waits for that). A run
+identity that outlives the session is always MLflow's id, found again by its tags. Elsewhere (an untested
+schema, ``fast_sql=False``) ``create_run`` is one synchronous call and the params follow through the queue."""
 
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from ..errors import TrackingError
 from .common import (
     CHILD_KEY_TAG,
     PARENT_TAG,
@@ -136,7 +138,7 @@ class RunBook:
             run_id = children.get(key)
             if run_id is None:
                 if self._writer.store.creates_runs:  # no I/O here: the writer creates it with its params
-                    run_id = uuid.uuid4().hex
+                    run_id = self._writer.store.new_run_id()
                     self._own.add(run_id)
                     children[key] = run_id
                     self._writer.enqueue(CreateOp(run_id, name, str_tags, str_params, now_ms()))
@@ -146,16 +148,24 @@ class RunBook:
                 run_id = str(run.info.run_id)
                 children[key] = run_id
             else:
-                if run_id in self._own:
-                    self._writer.flush()  # reused within this session: its queued points must be visible first
-                self._floors[run_id] = self._stored_steps(run_id)
-                rid = run_id
+                rid = self.mlflow_id(run_id)  # reused within this session: its queued points must be visible
+                self._floors[run_id] = self._stored_steps(rid)
                 self._call(f"reopen child run {key}", lambda: self._client.update_run(rid, status="RUNNING"))
                 self._writer.enqueue(TagsOp(run_id, str_tags))
             self._own.add(run_id)
             if str_params:
                 self._writer.enqueue(ParamsOp(run_id, str_params))
             return run_id
+
+    def mlflow_id(self, run_id: str) -> str:
+        """MLflow's id of a run this session started (a handle until the writer created it: waits for that
+        and for the run's queued writes), or ``run_id`` itself."""
+        if run_id in self._own:
+            self._writer.flush()
+        rid = self._writer.store.resolve(run_id)
+        if rid is None:
+            raise TrackingError(f"MLflow run {run_id} was not created (see the errors reported before)")
+        return rid
 
     def _stored_steps(self, run_id: str) -> dict[str, int]:
         run = self._call("read a reused run", lambda: self._client.get_run(run_id))

@@ -11,7 +11,10 @@ store writes with one bulk statement per table and write cycle:
   keeps the run's name column in step;
 * metric points: ``metrics`` insert-or-ignore, ``latest_metrics`` upsert keeping the max (step, timestamp,
   value), MLflow's ``_update_latest_metrics_if_necessary`` rule (NaN stored as 0 with is_nan, +-inf as
-  +-max double);
+  +-max double; of equal tuples the first logged stays);
+* on PostgreSQL (psycopg 3 or psycopg2) new rows go in by ``COPY`` (:mod:`.pgcopy`; a retried write falls back
+  to insert-or-ignore), and ``latest_metrics``, tags and ends by one set-based statement per batch (column
+  arrays through ``unnest``) instead of one statement per row;
 * run ends: one ``UPDATE runs`` for all of them.
 
 Params logged after creation go through ``MlflowClient.log_batch`` (MLflow must see and reject a changed
@@ -25,6 +28,7 @@ MlflowClient with a notice. tests/orchestrator/test_tracking.py reads every writ
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -34,6 +38,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .common import RUN_NAME_TAG, USER_TAG, CreateOp, MetricsOp, Segment, Step, chunks, log, one_line
+from .pgcopy import copy_rows, encode, supports_copy
 from .stores import ClientStore
 
 # MLflow store schema versions (alembic revisions) the bulk SQL path was tested against: MLflow 3.17's head.
@@ -46,15 +51,49 @@ _MAX_DOUBLE = 1.7976931348623157e308
 # SQL dialects whose INSERT ... ON CONFLICT the bulk path uses.
 BULK_DIALECTS: dict[str, Callable[[sa.Table], Any]] = {
     "sqlite": sqlite_insert, "postgresql": postgresql_insert}
-_METRIC_COLS = {"key", "value", "timestamp", "step", "is_nan", "run_uuid"}
-_KV_COLS = {"key", "value", "run_uuid"}
-_RUN_COLS = {"run_uuid", "name", "source_type", "source_name", "entry_point_name", "user_id", "status", "start_time",
-             "end_time", "source_version", "lifecycle_stage", "artifact_uri", "experiment_id", "deleted_time"}
+# Column orders of the bulk rows (tuples): COPY's column lists and the fallback statements' dict keys.
+_METRIC_ORDER = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
+_KV_ORDER = ("key", "value", "run_uuid")
+_RUN_ORDER = ("run_uuid", "name", "source_type", "source_name", "entry_point_name", "user_id", "status",
+              "start_time", "end_time", "source_version", "lifecycle_stage", "artifact_uri", "experiment_id",
+              "deleted_time")
+_METRIC_COLS, _KV_COLS, _RUN_COLS = set(_METRIC_ORDER), set(_KV_ORDER), set(_RUN_ORDER)
 # Field limits of MLflow's validation (mlflow.utils.validation): PostgreSQL would reject a longer value and
 # with it the whole bulk statement, so longer input is refused at the call instead.
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
+_PointRow = tuple[str, float, int, int, bool, str]
+# PostgreSQL: latest_metrics in one set-based upsert per batch (one row per run and key, arrays as parameters),
+# with MLflow's rule as its WHERE: replace only a strictly smaller (step, timestamp, value).
+_UPSERT_LATEST_PG = sa.text(
+    'INSERT INTO latest_metrics (key, value, "timestamp", step, is_nan, run_uuid) '
+    "SELECT * FROM unnest(CAST(:key AS varchar[]), CAST(:value AS double precision[]), "
+    "CAST(:timestamp AS bigint[]), CAST(:step AS bigint[]), CAST(:is_nan AS boolean[]), "
+    "CAST(:run_uuid AS varchar[])) "
+    'ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value, "timestamp" = EXCLUDED."timestamp", '
+    "step = EXCLUDED.step, is_nan = EXCLUDED.is_nan "
+    'WHERE (EXCLUDED.step, EXCLUDED."timestamp", EXCLUDED.value) '
+    '> (latest_metrics.step, latest_metrics."timestamp", latest_metrics.value)')
+# The same for tags (a later value overwrites) and run ends: one statement per batch instead of one per row.
+_UPSERT_TAGS_PG = sa.text(
+    "INSERT INTO tags (key, value, run_uuid) SELECT * FROM unnest(CAST(:key AS varchar[]), "
+    "CAST(:value AS varchar[]), CAST(:run_uuid AS varchar[])) "
+    "ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value")
+_END_RUNS_PG = sa.text(
+    "UPDATE runs SET status = u.status, end_time = u.end_time FROM unnest(CAST(:b_run AS varchar[]), "
+    "CAST(:b_status AS varchar[]), CAST(:b_end AS bigint[])) AS u(run_uuid, status, end_time) "
+    "WHERE runs.run_uuid = u.run_uuid")
+
+
+def _point_row(run_id: str, key: str, value: float, timestamp_ms: int, step: int) -> _PointRow:
+    """A metrics row as MLflow's ``sanitize_metric_value`` stores it: NaN as 0 with is_nan, +-inf as +-max
+    double (SQL has no infinities)."""
+    if math.isnan(value):
+        return (key, 0.0, timestamp_ms, step, True, run_id)
+    if math.isinf(value):
+        return (key, _MAX_DOUBLE if value > 0 else -_MAX_DOUBLE, timestamp_ms, step, False, run_id)
+    return (key, value, timestamp_ms, step, False, run_id)
 
 
 class BulkSqlStore:
@@ -66,6 +105,8 @@ class BulkSqlStore:
     def __init__(self, engine: sa.Engine, tables: dict[str, sa.Table], fallback: ClientStore,
                  owned: Callable[[str], bool], experiment_id: str, artifact_location: str) -> None:
         self._engine = engine
+        self._pg = engine.dialect.name == "postgresql"
+        self._copy = supports_copy(engine)
         self._fallback = fallback
         self._owned = owned
         self._experiment_id = int(experiment_id)
@@ -122,6 +163,12 @@ class BulkSqlStore:
                 return None
         return cls(engine, tables, fallback, owned, experiment_id, artifact_location)
 
+    def new_run_id(self) -> str:
+        return uuid.uuid4().hex  # what MLflow's create_run picks
+
+    def resolve(self, run_id: str) -> str | None:
+        return run_id
+
     def artifact_uri(self, run_id: str) -> str:
         """Where MLflow's create_run puts a run's artifacts: <experiment location>/<run id>/artifacts."""
         return f"{self._artifacts}/{run_id}/artifacts"
@@ -146,65 +193,81 @@ class BulkSqlStore:
         other_points = [op for op in seg.points if not self._owned(op.run_id)]
         steps += self._fallback.plan_runs(seg, seg.params, other_tags, other_points, [])
         for part in chunks(own_tags, _SQL_ROWS_PER_TXN):
-            steps.append(Step(f"{len(part)} tags", 0, partial(self._write, self._ins_tags, part)))
+            steps.append(Step(f"{len(part)} tags", 0, partial(self._write, self._ins_tags, _UPSERT_TAGS_PG, part)))
         steps += self._point_steps(own_points)
         own_ends = [e for e in seg.ends.values() if self._owned(e.run_id)]
         if own_ends:
             rows: list[dict[str, Any]] = [{"b_run": e.run_id, "b_status": e.status, "b_end": e.end_time_ms}
                                           for e in own_ends]
             for part in chunks(rows, _SQL_ROWS_PER_TXN):
-                steps.append(Step(f"end of {len(part)} runs", 0, partial(self._write, self._end_runs, part)))
+                steps.append(Step(f"end of {len(part)} runs", 0,
+                                  partial(self._write, self._end_runs, _END_RUNS_PG, part)))
         steps += self._fallback.plan_runs(seg, {}, {}, [], [e for e in seg.ends.values()
                                                             if not self._owned(e.run_id)])
         return steps
 
     def _point_steps(self, ops: Sequence[MetricsOp]) -> list[Step]:
-        rows = [{"key": k, "value": v, "timestamp": op.timestamp_ms, "step": op.step, "run_uuid": op.run_id,
-                 "is_nan": False} for op in ops for k, v in op.metrics.items()]
+        rows = [_point_row(op.run_id, k, v, op.timestamp_ms, op.step) for op in ops for k, v in op.metrics.items()]
         return [Step(f"{len(part)} metric points", len(part), partial(self._insert_points, part))
                 for part in chunks(rows, _SQL_ROWS_PER_TXN)]
 
     # ------------------------------------------------------------------ writes (writer thread)
     def _create(self, creates: Sequence[CreateOp]) -> None:
-        runs: list[dict[str, Any]] = []
-        tags: list[dict[str, Any]] = []
-        params: list[dict[str, Any]] = []
+        runs: list[tuple[Any, ...]] = []
+        tags: list[tuple[str, str, str]] = []
+        params: list[tuple[str, str, str]] = []
         for c in creates:
-            runs.append({"run_uuid": c.run_id, "name": c.name, "source_type": "UNKNOWN", "source_name": "",
-                         "entry_point_name": "", "user_id": c.tags.get(USER_TAG, "unknown"), "status": "RUNNING",
-                         "start_time": c.start_ms, "end_time": None, "source_version": "",
-                         "lifecycle_stage": "active", "artifact_uri": self.artifact_uri(c.run_id),
-                         "experiment_id": self._experiment_id, "deleted_time": None})
-            tags.extend({"key": k, "value": v, "run_uuid": c.run_id}
-                        for k, v in {**c.tags, RUN_NAME_TAG: c.name}.items())
-            params.extend({"key": k, "value": v, "run_uuid": c.run_id} for k, v in c.params.items())
+            runs.append((c.run_id, c.name, "UNKNOWN", "", "", c.tags.get(USER_TAG, "unknown"), "RUNNING",
+                         c.start_ms, None, "", "active", self.artifact_uri(c.run_id), self._experiment_id, None))
+            tags.extend((k, v, c.run_id) for k, v in {**c.tags, RUN_NAME_TAG: c.name}.items())
+            params.extend((k, v, c.run_id) for k, v in c.params.items())
         with self._engine.begin() as conn:
-            conn.execute(self._ins_runs, runs)
-            conn.execute(self._ins_tags, tags)
+            self._bulk(conn, "runs", _RUN_ORDER, runs, self._ins_runs)
+            self._bulk(conn, "tags", _KV_ORDER, tags, self._ins_tags)
             if params:
-                conn.execute(self._ins_params, params)
+                self._bulk(conn, "params", _KV_ORDER, params, self._ins_params)
 
-    def _write(self, stmt: Any, rows: Sequence[dict[str, Any]]) -> None:
+    def _bulk(self, conn: sa.Connection, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]],
+              fallback: Any) -> None:
+        """New rows: COPY on PostgreSQL, else (or when some are already there: a retried write) ``fallback``,
+        the table's insert-or-ignore / upsert statement."""
+        if self._copy and copy_rows(conn, table, columns, encode(rows)):
+            return
+        conn.execute(fallback, [dict(zip(columns, row, strict=True)) for row in rows])
+
+    def _write(self, stmt: Any, pg_stmt: sa.TextClause, rows: Sequence[dict[str, Any]]) -> None:
+        """``stmt`` once per row, or on PostgreSQL ``pg_stmt`` once with a column array per parameter."""
         with self._engine.begin() as conn:
-            conn.execute(stmt, list(rows))
+            if self._pg:
+                conn.execute(pg_stmt, {k: [r[k] for r in rows] for k in rows[0]})
+            else:
+                conn.execute(stmt, list(rows))
 
-    def _insert_points(self, rows: Sequence[dict[str, Any]]) -> None:
-        latest: dict[tuple[str, str], dict[str, Any]] = {}
+    def _insert_points(self, rows: Sequence[_PointRow]) -> None:
+        # MLflow's rule per (run, key), in arrival order: a point replaces the latest one only when its
+        # (step, timestamp, value) is strictly greater (NaN compares as its stored 0), so of equal ones the
+        # first stays. Applied here within the batch, and by the upsert's WHERE against what is stored.
+        latest: dict[tuple[str, str], _PointRow] = {}
         for row in rows:
-            v = row["value"]
-            # MLflow stores NaN as 0 with is_nan, and +-inf as +-max double (SQL has no infinities).
-            if math.isnan(v):
-                row["value"], row["is_nan"] = 0.0, True
-            elif math.isinf(v):
-                row["value"] = _MAX_DOUBLE if v > 0 else -_MAX_DOUBLE
-            k = (row["run_uuid"], row["key"])
+            k = (row[5], row[0])
             cur = latest.get(k)
-            if cur is None or (row["step"], row["timestamp"], row["value"]) > \
-                    (cur["step"], cur["timestamp"], cur["value"]):
+            if cur is None or (row[3], row[2], row[1]) > (cur[3], cur[2], cur[1]):
                 latest[k] = row
         with self._engine.begin() as conn:
-            conn.execute(self._ins_points, list(rows))
-            conn.execute(self._ins_latest, list(latest.values()))
+            if self._copy:
+                # Exact duplicates in one COPY would fail it: MLflow keeps one of them too.
+                unique = list(dict.fromkeys(rows))
+                # Sorted by run, key, step: the metrics indexes (run_uuid; run_uuid, key, step) fill page by page.
+                unique.sort(key=lambda r: (r[5], r[0], r[3]))
+                if not copy_rows(conn, "metrics", _METRIC_ORDER, encode(unique)):
+                    conn.execute(self._ins_points, [dict(zip(_METRIC_ORDER, r, strict=True)) for r in unique])
+            else:
+                conn.execute(self._ins_points, [dict(zip(_METRIC_ORDER, r, strict=True)) for r in rows])
+            if self._pg:
+                cols = zip(*latest.values(), strict=True)
+                conn.execute(_UPSERT_LATEST_PG, dict(zip(_METRIC_ORDER, map(list, cols), strict=True)))
+            else:
+                conn.execute(self._ins_latest, [dict(zip(_METRIC_ORDER, r, strict=True)) for r in latest.values()])
 
     def close(self) -> None:
         self._engine.dispose()

@@ -55,7 +55,8 @@ class Tracker:
         * ``log_metrics``/``log_params``/``set_tags``/``end_run`` only enqueue; they never wait on I/O
           (past ``max_queued`` queued calls they wait for the writer while the store is up, never during an
           outage: then memory grows until ``retry_max_s``). So does ``start_child`` of a new
-          network on a bulk SQL store (the writer creates the run); elsewhere it makes one ``create_run`` call.
+          network on a bulk SQL store and on a tracking server (the writer creates the run: on a server the
+          id returned is a handle until then, see ``run_id``); elsewhere it makes one ``create_run`` call.
         * An ``end_run`` is applied after every point, param and tag of that run enqueued before it; a
           later tag value overwrites an earlier one; a changed param value is rejected by MLflow (reported).
         * A point is either written, skipped on purpose (its step is already stored in a reused child run:
@@ -110,7 +111,7 @@ class Tracker:
         self._groups: dict[str, _Group] = {}  # group run id -> members and their ends (group granularity)
         self._groups_lock = threading.Lock()
 
-        store: Store = RestStore(tracking_uri) if is_http else ClientStore(self._client)
+        store: Store = RestStore(tracking_uri, self.experiment_id) if is_http else ClientStore(self._client)
         bulk: BulkSqlStore | None = None
         if dialect in BULK_DIALECTS and fast_sql is not False:
             bulk = BulkSqlStore.open(tracking_uri, self._is_sqlite, ClientStore(self._client),
@@ -199,8 +200,10 @@ class Tracker:
         """The child run of network ``key`` under ``parent_id``: new, or the one a previous session made.
 
         A new run's id is returned at once on a bulk SQL store (the writer creates the run, its tags and
-        params in bulk); a param/tag name or value MLflow would reject raises ValueError here. On reuse the
-        run is set back to RUNNING and, for each metric, the largest step already stored is remembered:
+        params in bulk); on a tracking server a handle is (the writer creates the run, a few requests at a
+        time; ``run_id`` gives MLflow's id). Either way the tracker's calls take it at once, and every write
+        of the run follows its creation. A param/tag name or value MLflow would reject raises ValueError here.
+        On reuse the run is set back to RUNNING and, for each metric, the largest step already stored is remembered:
         later points of that metric with step <= it are dropped (counted in ``stats.points_skipped``), so a
         resumed sweep never stores a point twice.
         """
@@ -294,28 +297,29 @@ class Tracker:
             run_id = rid
         self._writer.enqueue(EndOp(run_id, status, now_ms()))
 
+    def run_id(self, run_id: str) -> str:
+        """MLflow's run id of a run (or of a member's group run) this tracker returned. On a tracking server a
+        new child run's id is a session-local handle until the writer has created the run: this waits for
+        that (and for the run's queued writes). Elsewhere it is the id itself."""
+        return self._runs.mlflow_id(run_id.split(MEMBER_SEP, 1)[0])
+
     # ------------------------------------------------------------------ artifacts (synchronous)
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload one file now (retrying outages); the run's queued creation is written first."""
         local = str(path)
-        self._written(run_id)
-        self._call(f"upload {Path(local).name}", lambda: self._client.log_artifact(run_id, local, artifact_path))
+        rid = self.run_id(run_id)
+        self._call(f"upload {Path(local).name}", lambda: self._client.log_artifact(rid, local, artifact_path))
 
     def log_dict(self, run_id: str, dictionary: Mapping[str, Any], artifact_file: str) -> None:
         """Store a JSON/YAML artifact (format from the file extension)."""
         data = dict(dictionary)
-        self._written(run_id)
-        self._call(f"upload {artifact_file}", lambda: self._client.log_dict(run_id, data, artifact_file))
+        rid = self.run_id(run_id)
+        self._call(f"upload {artifact_file}", lambda: self._client.log_dict(rid, data, artifact_file))
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         """Store a matplotlib figure as an image artifact."""
-        self._written(run_id)
-        self._call(f"upload {artifact_file}", lambda: self._client.log_figure(run_id, figure, artifact_file))
-
-    def _written(self, run_id: str) -> None:
-        """A run created by the writer exists in the store only once its creation is written."""
-        if self.uses_fast_sql and self._runs.owned(run_id):
-            self._writer.flush()
+        rid = self.run_id(run_id)
+        self._call(f"upload {artifact_file}", lambda: self._client.log_figure(rid, figure, artifact_file))
 
     # ------------------------------------------------------------------ flush / close / stats
     def flush(self, timeout: float | None = None) -> None:

@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import TrackingError
 from .common import (
@@ -24,6 +25,10 @@ from .common import (
     segments,
 )
 from .stores import Store
+
+# Requests in flight together for a wave: enough to hide a tracking server's latency per request, few enough
+# not to crowd a small server.
+WAVE_THREADS = 4
 
 
 class _GiveUp(Exception):
@@ -91,6 +96,8 @@ class Writer:
         self._outage_since: float | None = None
         self.waits = 0
         """Times a caller waited for the writer (the queue was at max_queued)."""
+        # Applies the steps of a wave together (see Step.wave); idle unless the store plans waves.
+        self._pool = ThreadPoolExecutor(WAVE_THREADS, thread_name_prefix="mfsweep-mlflow-wave")
         self._thread = threading.Thread(target=self._run, name="mfsweep-mlflow-writer", daemon=True)
         self._thread.start()
 
@@ -157,6 +164,7 @@ class Writer:
             self._closing = True
             self._cv.notify_all()
         self._thread.join()
+        self._pool.shutdown(wait=True)
         with self._cv:
             self._closed = True
         self.store.close()
@@ -214,16 +222,30 @@ class Writer:
         if self._broken is not None:  # gave up earlier; _give_up already counted these points as lost
             return
         for seg in segments(ops):
-            for step in self.store.plan(seg):
+            steps = self.store.plan(seg)
+            i = 0
+            while i < len(steps):
+                j = i + 1
+                if steps[i].wave is not None:
+                    while j < len(steps) and steps[j].wave == steps[i].wave:
+                        j += 1
                 try:
-                    self._apply(step)
+                    if j - i == 1:
+                        self._apply(steps[i])
+                    else:
+                        for future in [self._pool.submit(self._apply, s) for s in steps[i:j]]:
+                            future.result()
                 except _GiveUp:
                     return
+                i = j
 
     def _apply(self, step: Step) -> None:
-        """Apply one write, retrying outages; permanent errors are recorded (not retried)."""
+        """Apply one write, retrying outages; permanent errors are recorded (not retried). Thread-safe: the
+        steps of a wave run on the pool."""
         delay = BACKOFF_FIRST_S
         while True:
+            if self._broken is not None:  # another step of this wave gave up: its points are counted lost
+                raise _GiveUp
             try:
                 step.fn()
             except Exception as exc:
@@ -255,6 +277,8 @@ class Writer:
                 delay = min(delay * 2 * (0.75 + 0.5 * random.random()), BACKOFF_CAP_S)
                 continue
             with self._cv:
+                if self._broken is not None:  # written after all, but already counted lost by _give_up
+                    return
                 self._batches += 1
                 self._points_logged += step.n_points
                 if self._outage_since is not None:
@@ -265,6 +289,8 @@ class Writer:
 
     def _give_up(self, exc: BaseException, waited: float) -> None:
         with self._cv:
+            if self._broken is not None:  # another step of the wave gave up first
+                return
             # Everything not yet written is lost: this cycle's remainder and whatever is still queued.
             lost = self._points_enqueued - self._points_logged - self._points_lost
             self._points_lost += lost

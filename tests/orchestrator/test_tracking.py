@@ -119,16 +119,21 @@ class Backend:
 
 @pytest.fixture(scope="module")
 def postgres_uri(request: pytest.FixtureRequest) -> str:
-    """One migrated MLflow database per module; tests keep apart by experiment name."""
+    """One migrated MLflow database per module; tests keep apart by experiment name. Through psycopg2 (the
+    dev extra installs it); ``psycopg_uri`` is the same database through psycopg 3 (both have a COPY path)."""
     make = request.getfixturevalue("postgres_db")
-    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the dev extra installs psycopg2.
     uri: str = make("mlflow_tracking").replace("postgresql://", "postgresql+psycopg2://", 1)
     MlflowClient(uri).search_experiments()
     return uri
 
 
-@pytest.fixture(params=["sqlite-bulk", "sqlite-log_batch",
-                        pytest.param("postgres-bulk", marks=pytest.mark.postgres), "http"])
+@pytest.fixture(scope="module")
+def psycopg_uri(postgres_uri: str) -> str:
+    return postgres_uri.replace("postgresql+psycopg2://", "postgresql+psycopg://", 1)
+
+
+@pytest.fixture(params=["sqlite-bulk", "sqlite-log_batch", pytest.param("postgres-bulk", marks=pytest.mark.postgres),
+                        pytest.param("psycopg-bulk", marks=pytest.mark.postgres), "http"])
 def backend(request: pytest.FixtureRequest, sqlite_uri: str) -> Backend:
     if request.param == "http":
         server: MlflowServer = request.getfixturevalue("mlflow_server")
@@ -136,7 +141,18 @@ def backend(request: pytest.FixtureRequest, sqlite_uri: str) -> Backend:
         return Backend("http", server.uri)
     if request.param == "postgres-bulk":
         return Backend("postgres-bulk", request.getfixturevalue("postgres_uri"), {"fast_sql": True})
+    if request.param == "psycopg-bulk":
+        return Backend("psycopg-bulk", request.getfixturevalue("psycopg_uri"), {"fast_sql": True})
     return Backend(request.param, sqlite_uri, {"fast_sql": request.param == "sqlite-bulk"})
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("psycopg", marks=pytest.mark.postgres)])
+def bulk_uri(request: pytest.FixtureRequest) -> str:
+    """A store the bulk SQL path writes: SQLite, PostgreSQL through psycopg2 and through psycopg 3."""
+    name = {"sqlite": "sqlite_uri", "postgres": "postgres_uri", "psycopg": "psycopg_uri"}[request.param]
+    uri: str = request.getfixturevalue(name)
+    return uri
 
 
 def value(run: int, metric: int, step: int) -> float:
@@ -189,7 +205,7 @@ def test_every_point_written_exactly_once(backend: Backend, fluent_uri: None) ->
 
     client = MlflowClient(backend.uri)
     for i, kid in enumerate(kids):
-        assert_history(client, kid, i, steps)
+        assert_history(client, tr.run_id(kid), i, steps)
     mlflow.set_tracking_uri(backend.uri)
     df = mlflow.search_runs(experiment_names=[exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
                             output_format="pandas")
@@ -218,25 +234,26 @@ def test_resume_reuses_runs_and_never_duplicates(backend: Backend) -> None:
     log_grid(tr, kids, range(100))  # the first session dies after step 99
     tr.end_run(kids[0])
     tr.close()
+    ids = [tr.run_id(k) for k in kids]  # MLflow's ids (on a server, kids are this session's handles)
 
     tr = backend.tracker(exp)
     client = MlflowClient(backend.uri)
     assert tr.start_parent("sweep", {"lr": 0.1}, tags) == parent
     assert client.get_run(parent).info.status == "RUNNING"
     again = [tr.start_child(parent, f"net{i}", f"net{i}", {"width": i}, {}) for i in range(4)]
-    assert again == kids
-    assert client.get_run(kids[0]).info.status == "RUNNING"
-    assert tr.stored_steps(kids[1]) == dict.fromkeys(METRICS, 99)
+    assert again == ids
+    assert client.get_run(ids[0]).info.status == "RUNNING"
+    assert tr.stored_steps(again[1]) == dict.fromkeys(METRICS, 99)
     new = tr.start_child(parent, "net4", "net4", {"width": 4}, {})
-    assert new not in kids
-    log_grid(tr, [*kids, new], range(150))  # replays steps 0..99 from the last checkpoint
-    for kid in [*kids, new]:
+    log_grid(tr, [*again, new], range(150))  # replays steps 0..99 from the last checkpoint
+    for kid in [*again, new]:
         tr.end_run(kid)
     tr.close()
     assert tr.stats.points_skipped == 4 * 3 * 100
     assert tr.stats.points_logged == 4 * 3 * 50 + 3 * 150
+    assert tr.run_id(new) not in ids
 
-    for i, kid in enumerate([*kids, new]):
+    for i, kid in enumerate([*ids, tr.run_id(new)]):
         assert_history(client, kid, i, range(150))
         assert client.get_run(kid).info.status == "FINISHED"
     children = client.search_runs([tr.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
@@ -365,8 +382,54 @@ def test_server_outage_loses_nothing(mlflow_server: MlflowServer, caplog: pytest
 
     client = MlflowClient(mlflow_server.uri)
     for i, kid in enumerate(kids):
-        assert_history(client, kid, i, range(120))
-        assert client.get_run(kid).info.status == "FINISHED"
+        assert_history(client, tr.run_id(kid), i, range(120))
+        assert client.get_run(tr.run_id(kid)).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_new_children_never_wait_on_the_server(mlflow_server: MlflowServer) -> None:
+    """On a tracking server, start_child of new networks and their points, tags and ends return while the
+    server is down: the writer creates the runs when it is back, before any other write of theirs (else the
+    server would reject those writes and points would be lost). One run per network, found again on resume."""
+    mlflow_server.ensure_running()
+    exp = f"srv-nowait-{uuid.uuid4().hex[:8]}"
+    tr = Tracker(mlflow_server.uri, exp, flush_interval_s=0.05, retry_max_s=300)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": exp})
+    tr.flush()
+    mlflow_server.kill()
+    kids: list[str] = []
+
+    def report_path() -> None:
+        for i in range(30):
+            kid = tr.start_child(parent, f"n{i}", f"n{i}", {"w": i}, {"v": "relu"})
+            tr.log_metrics(kid, {"x": float(i)}, 1)
+            tr.set_tags(kid, {"mfsweep.status": "done"})
+            tr.end_run(kid)
+            kids.append(kid)
+
+    t = threading.Thread(target=report_path)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "start_child waited on the dead server"
+    assert len(kids) == 30 and not mlflow_server.alive()
+    mlflow_server.start()
+    tr.close()
+    assert (tr.stats.points_logged, tr.stats.points_lost) == (30, 0)
+    ids = [tr.run_id(k) for k in kids]
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([tr.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
+    assert sorted(r.info.run_id for r in runs) == sorted(ids)
+    for r in runs:
+        i = int(r.data.params["w"])
+        assert r.info.run_id == ids[i] and r.data.tags["mfsweep.key"] == f"n{i}" and r.info.run_name == f"n{i}"
+        assert r.info.status == "FINISHED" and r.data.metrics["x"] == float(i)
+        assert r.data.tags["v"] == "relu" and r.data.tags["mfsweep.status"] == "done"
+
+    with Tracker(mlflow_server.uri, exp) as again:
+        assert again.start_parent("p", {}, {"mfsweep.sweep_key": exp}) == parent
+        assert again.start_child(parent, "n3", "n3", {"w": 3}, {"v": "relu"}) == ids[3]
+        assert again.stored_steps(ids[3]) == {"x": 1}
+        again.end_run(ids[3])
 
 
 @pytest.mark.slow
@@ -441,13 +504,13 @@ def test_bulk_sql_only_on_a_tested_store_schema(sqlite_uri: str, caplog: pytest.
     assert_history(MlflowClient(sqlite_uri), kid, 0, range(0, 30))
 
 
-def test_bulk_created_runs_read_back_like_mlflows_own(sqlite_uri: str) -> None:
+def test_bulk_created_runs_read_back_like_mlflows_own(bulk_uri: str) -> None:
     """A child run the bulk SQL path creates reads back through MLflow exactly like one made by MLflow's
     create_run + log_batch + set_terminated (the oracle), in get_run and in search_runs filters."""
-    client = MlflowClient(sqlite_uri)
+    client = MlflowClient(bulk_uri)
     tags = {"mfsweep.variant": "relu", "mlflow.user": "someone"}
     params = {"width": 96, "lr": 0.1}
-    with Tracker(sqlite_uri, "oracle") as tr:
+    with Tracker(bulk_uri, f"oracle-{uuid.uuid4().hex[:8]}") as tr:
         assert tr.uses_fast_sql
         parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
         ours = tr.start_child(parent, "net5", "net-5", params, tags)
@@ -471,32 +534,47 @@ def test_bulk_created_runs_read_back_like_mlflows_own(sqlite_uri: str) -> None:
         assert {r.info.run_id for r in client.search_runs([tr.experiment_id], filt)} == {ours, theirs}, filt
 
 
-def test_latest_metric_follows_mlflows_rule(sqlite_uri: str) -> None:
-    """The UI's latest value (latest_metrics) after out-of-order steps, repeated steps, NaN and infinities is
-    what MLflow's own log_batch leaves (the oracle), on the bulk SQL path."""
+def test_latest_metric_follows_mlflows_rule(bulk_uri: str) -> None:
+    """The UI's latest value (latest_metrics) and the histories after out-of-order steps, repeated steps, ties
+    of step and timestamp between NaN and numbers, infinities and exact duplicates are what MLflow's own
+    log_batch leaves (the oracle), on the bulk SQL path of SQLite and PostgreSQL (COPY + set-based upsert)."""
     seq = [(5, 1.0), (2, 7.0), (5, 0.5), (9, math.nan), (3, math.inf), (9, 2.0), (1, -math.inf)]
-    client = MlflowClient(sqlite_uri)
-    with Tracker(sqlite_uri, "latest") as tr:
+    # (step, value, timestamp): ties on (step, timestamp) compare NaN as its stored 0; the first of equals stays
+    ties = [(4, -1.0, 5), (4, math.nan, 5), (4, 0.0, 5), (4, -2.0, 5)]
+    series: dict[str, list[tuple[int, float, int]]] = {
+        "a": [(st, v, 1000 + i) for i, (st, v) in enumerate(seq)],
+        "b": [(st, v, 1000 + i) for i, (st, v) in enumerate(seq[::-1])],
+        "c": [(st, v, 1000 + i) for i, (st, v) in enumerate(seq[3:])],
+        "d": ties, "e": ties[2:0:-1], "f": [(4, math.nan, 5), (4, -0.5, 5), (4, math.nan, 6)],
+        "g": [(1, 3.0, 7), (1, 3.0, 7), (0, 9.0, 8), (1, 3.0, 7)],  # an exact duplicate: stored once
+    }
+    batched = ("c", "e")  # each in one write cycle; the others one point per cycle
+    client = MlflowClient(bulk_uri)
+    with Tracker(bulk_uri, f"latest-{uuid.uuid4().hex[:8]}") as tr:
         assert tr.uses_fast_sql
         parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
         ours = tr.start_child(parent, "a", "a", {}, {})
-        for key in ("a", "b", "c"):
-            for i, (step, v) in enumerate(seq if key == "a" else seq[::-1] if key == "b" else seq[3:]):
-                tr.log_metrics(ours, {key: v}, step, timestamp_ms=1000 + i)
-                if key != "c":  # "c" arrives in one write cycle, "a" and "b" one point per cycle
+        for key, points in series.items():
+            for step, v, ts in points:
+                tr.log_metrics(ours, {key: v}, step, timestamp_ms=ts)
+                if key not in batched:
                     tr.flush()
+            tr.flush()
+    assert tr.stats.points_lost == 0
     theirs = client.create_run(tr.experiment_id).info.run_id
-    for key in ("a", "b", "c"):
-        for i, (step, v) in enumerate(seq if key == "a" else seq[::-1] if key == "b" else seq[3:]):
-            client.log_batch(theirs, metrics=[Metric(key, v, 1000 + i, step)])
+    for key, points in series.items():
+        for step, v, ts in points:
+            client.log_batch(theirs, metrics=[Metric(key, v, ts, step)])
     a, b = client.get_run(ours).data.metrics, client.get_run(theirs).data.metrics
-    assert a.keys() == b.keys() == {"a", "b", "c"}
+    assert a.keys() == b.keys() == set(series)
     for key in a:
         assert (math.isnan(a[key]) and math.isnan(b[key])) or a[key] == b[key], key
+    assert math.isnan(a["d"]) and a["e"] == 0.0  # the tie cases are what they say
     for key in a:
         ha = sorted((m.step, m.timestamp, str(m.value)) for m in client.get_metric_history(ours, key))
         hb = sorted((m.step, m.timestamp, str(m.value)) for m in client.get_metric_history(theirs, key))
         assert ha == hb, key
+    assert len(client.get_metric_history(ours, "g")) == 2
 
 
 def test_new_children_never_wait_on_the_store(sqlite_uri: str) -> None:
