@@ -6,9 +6,12 @@ Data path: config (config.py) -> plan (plan.py) -> pool (pool.py) -> actor (work
 A pack's report reaches the driver as a :class:`~workers.jobs.PackEvent` (from the pool, or from the pack's
 report log on resume: :meth:`Ledger.replay`). :meth:`Ledger.on_event` is the one place it is consumed:
 
-* each network's points: a step at or below the last one handled is a replay (a pack trained again past its
-  checkpoint, a report log re-sent on resume) and is dropped here, once; a new point goes to the network's
-  tracker run, then to the policy (progress, pruning);
+* each network's points: a step at or below the last one handled this session is a replay (a pack trained
+  again past its checkpoint, a report log re-sent after a worker's loss) and is dropped here; a new point goes
+  to the policy (progress, curves, pruning) and, unless its run already stores that step (the run's stored
+  steps, read once when a resumed session reopens it: a report log re-sent on resume), to the network's
+  tracker run. This is the one place replays are dropped: the tracker writes what it is given
+  (:meth:`Ledger.send` is the way in for every writer of curve points);
 * each network's end (a :class:`~workers.engine.Retired`): dropped when the same end was handled already,
   else handed to the policy, which records it durably: ``mfsweep scaling`` appends it to ``results.jsonl``
   (:class:`ResultsFile`), ``mfsweep search`` tells Optuna. :meth:`Ledger.close_run` then finalizes the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +47,8 @@ class RunSink(Protocol):
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None: ...
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+
+    def stored_steps(self, run_id: str) -> Mapping[str, int]: ...
 
 
 class NetworkPolicy(Protocol):
@@ -69,6 +75,10 @@ class Ledger:
         """Per network, the last step whose point was handled."""
         self.ended_at: dict[int, int] = {}
         """Per network, the step of the last end handled (a sweep extended to more steps ends it again)."""
+        self._stored: dict[str, Mapping[str, int]] = {}
+        """Per run, the largest step its store held per metric when this session first wrote to it."""
+        self.points_dropped = 0
+        """Metric points not sent because their run stores them already."""
 
     def on_event(self, ev: PackEvent) -> None:
         rep = ev.report
@@ -80,7 +90,7 @@ class Ledger:
             if run is None:
                 continue
             self.last_step[m.net_id] = m.step
-            self.tracker.log_metrics(run, rep.values(m), m.step)
+            self.send(run, rep.values(m), m.step)
             self.policy.on_point(ev, m, prev)
         for r in rep.retired:
             if r.step <= self.ended_at.get(r.net_id, -1):
@@ -95,6 +105,19 @@ class Ledger:
             for ev in read_events(job.checkpoint, job.pack_id):
                 self.on_event(ev)
 
+    def send(self, run: str, values: dict[str, float], step: int) -> None:
+        """Points of ``run`` at ``step`` to the tracker, less those its store holds already (a run reopened by a
+        resumed session: its stored steps are read once, at its first write here)."""
+        stored = self._stored.get(run)
+        if stored is None:
+            stored = self._stored[run] = dict(self.tracker.stored_steps(run))
+        if stored:
+            new = {k: v for k, v in values.items() if step > stored.get(k, -1)}
+            self.points_dropped += len(values) - len(new)
+            values = new
+        if values:
+            self.tracker.log_metrics(run, values, step)
+
     def step_of(self, net_id: int) -> int:
         """The last step of ``net_id`` handled this session (0: none)."""
         return max(0, self.last_step.get(net_id, 0))
@@ -102,7 +125,7 @@ class Ledger:
     def close_run(self, run: str, final: dict[str, float], step: int, tags: dict[str, str], status: str) -> None:
         """A network's final metrics, tags and status in its tracker run (idempotent)."""
         if final:
-            self.tracker.log_metrics(run, final, step)
+            self.send(run, final, step)
         self.tracker.set_tags(run, tags)
         self.tracker.end_run(run, status)
 

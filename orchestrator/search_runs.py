@@ -100,7 +100,7 @@ class TrialRuns:
             run = self.start(t.number, t.params, width, steps, tcfg)
             for step, v in sorted(t.intermediate_values.items()):
                 at = step // width if self._compute_resource else step  # Optuna's step may be particle-steps
-                self.tracker.log_metrics(run, {"test_loss": v}, at)
+                self.ledger.send(run, {"test_loss": v}, at)  # a reused run's stored steps are dropped
             self.end(run, t)
         if todo:
             self.mark_synced([t.number for t in todo])

@@ -54,8 +54,6 @@ class TrackerStats:
     """Failed write attempts that were retried."""
     pending: int
     """Points accepted but neither written nor lost yet."""
-    points_skipped: int
-    """Points dropped on purpose: step already stored in a reused (resumed) child run."""
     points_lost: int
     """Points that could not be written (reported through TrackingError)."""
 

@@ -66,9 +66,6 @@ class RunBook:
     def owned(self, run_id: str) -> bool:
         return run_id in self._own
 
-    def floors(self, run_id: str) -> dict[str, int] | None:
-        return self._floors.get(run_id)
-
     def known_child(self, parent_id: str, key: str) -> str | None:
         """The run of ``key`` if this session started it already."""
         with self._lock:

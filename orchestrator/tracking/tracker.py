@@ -59,8 +59,7 @@ class Tracker:
           id returned is a handle until then, see ``run_id``); elsewhere it makes one ``create_run`` call.
         * An ``end_run`` is applied after every point, param and tag of that run enqueued before it; a
           later tag value overwrites an earlier one; a changed param value is rejected by MLflow (reported).
-        * A point is either written, skipped on purpose (its step is already stored in a reused child run:
-          see ``start_child``), or counted as lost and reported by a ``TrackingError`` from
+        * A point is either written or counted as lost and reported by a ``TrackingError`` from
           ``flush``/``close``. Transient failures (server down, database locked) are retried with capped
           exponential backoff until ``retry_max_s`` passes without a successful write; then the tracker is
           broken and every later call raises ``TrackingError``.
@@ -203,9 +202,9 @@ class Tracker:
         params in bulk); on a tracking server a handle is (the writer creates the run, a few requests at a
         time; ``run_id`` gives MLflow's id). Either way the tracker's calls take it at once, and every write
         of the run follows its creation. A param/tag name or value MLflow would reject raises ValueError here.
-        On reuse the run is set back to RUNNING and, for each metric, the largest step already stored is remembered:
-        later points of that metric with step <= it are dropped (counted in ``stats.points_skipped``), so a
-        resumed sweep never stores a point twice.
+        On reuse the run is set back to RUNNING and, for each metric, the largest step already stored is read
+        (``stored_steps``): the ledger (orchestrator/ledger.py) sends no point at or below it, so a resumed
+        sweep never stores a point twice.
         """
         return self._runs.start_child(parent_id, key, run_name, params, tags)
 
@@ -259,12 +258,6 @@ class Tracker:
                 if why is not None:
                     raise ValueError(f"invalid MLflow metric name {k!r}: {why}")
                 self._valid_keys.add(k)
-        floors = self._runs.floors(run_id)
-        if floors:
-            kept = {k: v for k, v in values.items() if step > floors.get(k, -(2 ** 63))}
-            if len(kept) != len(values):
-                self._writer.skipped(len(values) - len(kept))
-            values = kept
         if not values:
             return
         ts = now_ms() if timestamp_ms is None else int(timestamp_ms)

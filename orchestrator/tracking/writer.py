@@ -89,7 +89,6 @@ class Writer:
         self._unreported: list[str] = []
         self._points_enqueued = 0
         self._points_logged = 0
-        self._points_skipped = 0
         self._points_lost = 0
         self._batches = 0
         self._retries = 0
@@ -123,10 +122,6 @@ class Writer:
             self._points_enqueued += n_points
             if self._queued >= self._max_batch:
                 self._cv.notify_all()
-
-    def skipped(self, n: int) -> None:
-        with self._cv:
-            self._points_skipped += n
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything enqueued so far is written; raise TrackingError on loss or timeout."""
@@ -180,7 +175,7 @@ class Writer:
             return TrackerStats(
                 points_logged=self._points_logged, batches=self._batches, retries=self._retries,
                 pending=self._points_enqueued - self._points_logged - self._points_lost,
-                points_skipped=self._points_skipped, points_lost=self._points_lost)
+                points_lost=self._points_lost)
 
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:

@@ -76,6 +76,8 @@ class FakeTracker:
         self.points: list[tuple[str, int, float]] = []
         self.ended: list[tuple[str, str]] = []
         self.tags: dict[str, dict[str, str]] = {}
+        self.stored: dict[str, dict[str, int]] = {}
+        """A resumed session's runs: the largest step their store holds per metric."""
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         self.points.append((run_id, step, metrics.get("test_loss", metrics.get("final", float("nan")))))
@@ -85,6 +87,9 @@ class FakeTracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.ended.append((run_id, status))
+
+    def stored_steps(self, run_id: str) -> dict[str, int]:
+        return self.stored.get(run_id, {})
 
 
 class Recorder:
@@ -142,3 +147,19 @@ def test_run_folder_state_holds_no_password(tmp_path: Path) -> None:
                                                   "name": "n"}
     assert (tmp_path / "out" / "config.yaml").read_text() == "name: n\n"
     assert folder.default_tracking_uri() == f"sqlite:///{(tmp_path / 'out' / 'mlflow.db').resolve()}"
+
+
+def test_ledger_sends_a_resumed_run_only_what_its_store_lacks() -> None:
+    """Across sessions a report log is re-sent from the start: the policy sees every point again (it rebuilds
+    its curves and progress), the tracker only the steps the run does not store yet: dropped once, here."""
+    tracker, policy = FakeTracker(), Recorder({1, 2})
+    tracker.stored = {"run1": {"test_loss": 10}}  # run1 stored up to step 10 before the driver was killed
+    ledger = Ledger(tracker, policy)
+    for ev in [event(0, (1, 2)), event(10, (1, 2)), event(20, (1, 2), retired=(1,))]:
+        ledger.on_event(ev)
+    assert [(n, s) for n, s, _ in policy.points] == [(1, 0), (2, 0), (1, 10), (2, 10), (1, 20), (2, 20)]
+    assert [(run, step) for run, step, _ in tracker.points] == [("run2", 0), ("run2", 10), ("run1", 20),
+                                                                 ("run2", 20)]
+    assert ledger.points_dropped == 2
+    ledger.close_run("run1", {"final": 0.5}, 20, {}, "FINISHED")  # a new key at a new step: sent
+    assert tracker.points[-1] == ("run1", 20, 0.5)
