@@ -19,9 +19,11 @@ Last line of stdout is one JSON object:
                                                    workers' threads' (time.thread_time); the tracker's writer thread
                                                    and the SQLite/PostgreSQL client work are the driver's
     run_cpu_s_per_network                          the same over pool.run only (the report path: ledger, tracker,
-                                                   results.jsonl fsyncs)
+                                                   results.jsonl fsyncs; the tracker's writer may finish later)
     wall_s, run_wall_s                             whole sweep; pool.run (first pack handed out to the last end)
-    points_per_s                                   points / run_wall_s (sustained through the ledger into the tracker)
+    points_per_s                                   points / run_wall_s: taken in by the ledger and handed to the
+                                                   tracker (whose writer thread may still be storing them after)
+    points_per_s_end_to_end                        points / wall_s: all of them stored, plus planning and analysis
     worker_cpu_s                                   the fake workers' CPU time (not the driver's)
     rss_base_mb, peak_rss_mb, rss_growth_mb        resident memory after the imports, the process's peak (driver
                                                    and fake workers; the workers hold a bounded queue of reports),
@@ -138,7 +140,8 @@ def drive(uri: str, out: Path, networks: int, workers: int, reports: int, interv
         "driver_cpu_s_per_network": round((cpu - worker_cpu) / n, 6), "driver_cpu_s": round(cpu - worker_cpu, 2),
         "run_cpu_s_per_network": round((pool.run_cpu_s - worker_cpu) / n, 6),
         "wall_s": round(wall, 2), "run_wall_s": round(pool.run_wall_s, 2),
-        "points_per_s": round(points / pool.run_wall_s), "worker_cpu_s": round(worker_cpu, 2),
+        "points_per_s": round(points / pool.run_wall_s), "points_per_s_end_to_end": round(points / wall),
+        "worker_cpu_s": round(worker_cpu, 2),
         "rss_base_mb": round(base, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "exponent": v["exponent"], "exponent_ci95": [lo, hi], "planted_exponent": curve.exponent,
