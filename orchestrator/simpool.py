@@ -89,12 +89,12 @@ class SimPool(Pool):
             t.start()
 
     @classmethod
-    def factory(cls, n_workers: int, **kwargs: object) -> Callable[[ExecutionConfig, str | None, Sequence[str]],
-                                                                    SimPool]:
+    def factory(cls, n_workers: int, *, curve: PlantedCurve | None = None,
+                interval_s: float = 0.0) -> Callable[[ExecutionConfig, str | None, Sequence[str]], SimPool]:
         """A :class:`~orchestrator.driver.PoolFactory` that makes this pool (the config's pool settings,
         address and user code are not used: nothing trains)."""
         def make(ex: ExecutionConfig, address: str | None, py_modules: Sequence[str]) -> SimPool:
-            return cls(n_workers, **kwargs)  # type: ignore[arg-type]
+            return cls(n_workers, curve=curve, interval_s=interval_s)
         return make
 
     @property
@@ -114,10 +114,7 @@ class SimPool(Pool):
                 self._emit(job, self.workers[i].worker)
             with self._lock:
                 self._cpu[i] = time.thread_time()
-            self._put(_End(job))
-
-    def _put(self, item: object) -> None:
-        self._events.put(item)
+            self._events.put(_End(job))
 
     def _emit(self, job: PackJob, worker: str) -> None:
         """One pack's reports, in order (see the module doc)."""
@@ -140,7 +137,7 @@ class SimPool(Pool):
                 for nid in running:
                     pending.append(self._final(nid, width[nid], factor[nid], steps, job))
                 running = []
-            self._put(PackEvent(job.pack_id, Report(step, metrics, tuple(pending), done), worker, 0,
+            self._events.put(PackEvent(job.pack_id, Report(step, metrics, tuple(pending), done), worker, 0,
                                 time.perf_counter() - t0))
             pending = []
             if done:
@@ -153,7 +150,7 @@ class SimPool(Pool):
                     running.remove(nid)
                     pending.append(Retired(nid, step, status, reason, loss(width[nid], factor[nid], step)))
             if not running:
-                self._put(PackEvent(job.pack_id, Report(step, (), tuple(pending), True), worker, 0,
+                self._events.put(PackEvent(job.pack_id, Report(step, (), tuple(pending), True), worker, 0,
                                     time.perf_counter() - t0))
                 return
             if self.interval_s:
