@@ -307,7 +307,8 @@ def _regime(pts: Sequence[Point]) -> str | None:
     if not pts:
         return None
     share = sum(p.converged is True for p in pts) / len(pts)
-    top = [p for p in pts if p.width == max(q.width for q in pts)]
+    widest = max(p.width for p in pts)  # once: inside the comprehension it made this quadratic (minutes at 100k points)
+    top = [p for p in pts if p.width == widest]
     top_share = sum(p.converged is True for p in top) / len(top)
     n_conv_widths = len({p.width for p in pts if p.converged is True})
     if share < TIME_LIMITED_SHARE or n_conv_widths < 2:

@@ -8,7 +8,7 @@ means; the reports go through :mod:`.ledger`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,22 +20,34 @@ from .pool import Pool, make_pool, open_beside
 from .runmeta import driver_host, git_commit, versions
 from .userdata import modules_for_workers
 
-__all__ = ["Interrupted", "close_tracker", "open_pool", "progress_bar", "run_tags"]
+__all__ = ["Interrupted", "PoolFactory", "close_tracker", "config_pool", "open_pool", "progress_bar", "run_tags"]
 
 
 class Interrupted(RuntimeError):
     """The run was stopped (Ctrl-C / SIGTERM) before it finished; it can be resumed."""
 
 
-def open_pool(ex: ExecutionConfig, address: str | None, tasks: Iterable[TaskConfig],
-              side: Callable[[], object]) -> Pool | None:
-    """The pool ``ex`` asks for (the user code ``tasks`` need shipped to its workers), made while ``side``
-    (the tracker's start) runs in another thread."""
-    code = modules_for_workers(tasks)
-    return open_beside(lambda: make_pool(
+class PoolFactory(Protocol):
+    """Makes a command's worker pool: :func:`config_pool` (what the config asks for) unless a caller passes
+    another, e.g. :class:`orchestrator.simpool.SimPool` to drive a sweep without training (bench/scale.py)."""
+
+    def __call__(self, ex: ExecutionConfig, address: str | None, py_modules: Sequence[str]) -> Pool: ...
+
+
+def config_pool(ex: ExecutionConfig, address: str | None, py_modules: Sequence[str]) -> Pool:
+    """The pool ``ex`` asks for (``py_modules``: user code to ship to its workers)."""
+    return make_pool(
         ex.backend, address=address, device=ex.device, workers=ex.workers, cpus_per_worker=ex.cpus_per_worker,
         max_retries=ex.max_retries, max_workers=ex.max_workers, wait_for_workers_s=ex.wait_for_workers_s,
-        py_modules=code), side)
+        py_modules=py_modules)
+
+
+def open_pool(ex: ExecutionConfig, address: str | None, tasks: Iterable[TaskConfig],
+              side: Callable[[], object], factory: PoolFactory = config_pool) -> Pool | None:
+    """The pool ``factory`` makes for ``ex`` (the user code ``tasks`` need shipped to its workers), made while
+    ``side`` (the tracker's start) runs in another thread."""
+    code = modules_for_workers(tasks)
+    return open_beside(lambda: factory(ex, address, code), side)
 
 
 def run_tags(kind: str, key: str, out: Path) -> dict[str, str]:

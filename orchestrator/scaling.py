@@ -30,7 +30,7 @@ from workers.jobs import PackEvent, PackJob
 from . import mlflow_view
 from .config import ScalingConfig, dump
 from .credentials import redact
-from .driver import Interrupted, close_tracker, open_pool, progress_bar, run_tags
+from .driver import Interrupted, PoolFactory, close_tracker, config_pool, open_pool, progress_bar, run_tags
 from .ledger import Ledger, NetworkResult, ResultsFile, read_results
 from .plan import NetworkPlan, load_jobs, network_settings, plan_networks, plan_packs, save_jobs
 from .pool import (
@@ -58,11 +58,15 @@ def default_out(cfg: ScalingConfig) -> Path:
 
 class ScalingSweep:
     """Runs (or resumes) one sweep into ``out``. Invariants: a network's result is recorded once; an MLflow
-    point is logged at most once (steps at or below the last logged one are dropped)."""
+    point is logged at most once (steps at or below the last logged one are dropped).
+
+    ``pool_factory`` makes the worker pool (default: the one ``cfg.execution`` asks for)."""
 
     def __init__(self, cfg: ScalingConfig, out: Path, *, tracking_uri: str | None = None,
-                 address: str | None = None, console: Console | None = None, progress: bool = True) -> None:
+                 address: str | None = None, console: Console | None = None, progress: bool = True,
+                 pool_factory: PoolFactory = config_pool) -> None:
         self.cfg = cfg
+        self.pool_factory = pool_factory
         self.out = out
         self.address = address
         self.console = console or Console(stderr=True)
@@ -269,7 +273,8 @@ class ScalingSweep:
         closer: threading.Thread | None = None
         try:
             if todo:
-                pool = open_pool(ex, self.address, (v.task for _, v in self.variants), self._open_tracking)
+                pool = open_pool(ex, self.address, (v.task for _, v in self.variants), self._open_tracking,
+                                 self.pool_factory)
             else:
                 self._open_tracking()
             if plan_path.exists():  # a resume
