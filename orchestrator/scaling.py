@@ -42,7 +42,6 @@ from .pool import (
 )
 from .runfolder import RunFolder
 from .runmeta import flatten, stop_on_signals
-from .scaling_report import ScalingReport
 from .userdata import DataShipper
 
 __all__ = ["Interrupted", "NetworkResult", "ScalingSweep", "default_out", "read_results"]
@@ -334,5 +333,8 @@ class ScalingSweep:
 
     # ------------------------------------------------------------------ analysis
     def _finish(self) -> dict[str, Any]:
+        # Loaded here: the fits and plots (scipy, matplotlib) are not on the way to the first training step.
+        from .scaling_report import ScalingReport
+
         return ScalingReport(self.cfg, self.out, self.tracker, self.parent, self.tracking_uri, self.results,
                              self.variants, self.by_id, self.curves, self.cap).finish()

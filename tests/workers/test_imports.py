@@ -39,14 +39,15 @@ from orchestrator.preflight import _may_have_gpu, local_worker_memory
 cfg = load(None)
 mem, _ = local_worker_memory(cfg.execution)
 jobs = plan_packs(cfg, plan_networks(cfg), n_workers=2, memory_bytes=mem, checkpoint_dir=None)
-heavy = sorted(m for m in ("torch", "scipy", "mlflow") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "scipy", "mlflow", "matplotlib") if m in sys.modules)
 print(json.dumps([len(jobs), heavy, _may_have_gpu()]))
 """
 
 
-def test_driver_starts_without_torch_scipy_or_mlflow() -> None:
+def test_driver_starts_without_torch_scipy_matplotlib_or_mlflow() -> None:
     # The driver's start-up is on the path to the first training step: torch loads in the workers, MLflow in
-    # the tracker's thread beside the pool's start, scipy when a fit runs (bench/startup.py).
+    # the tracker's thread beside the pool's start, scipy and matplotlib when the results are fitted and
+    # plotted (bench/startup.py).
     out = subprocess.run([sys.executable, "-c", DRIVER_PROBE], capture_output=True, text=True, timeout=120,
                          check=True)
     n_jobs, loaded, gpu_driver = json.loads(out.stdout.strip().splitlines()[-1])
