@@ -26,15 +26,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raycluster import cluster_with_pool  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(actors: int, args: argparse.Namespace, work: Path) -> dict[str, object]:
-    from ray.cluster_utils import Cluster
-
     from orchestrator import config as cfgmod
     from orchestrator.plan import plan_networks, plan_packs
-    from orchestrator.pool import RayPool
     from workers.jobs import PackEvent
 
     seeds = args.packs
@@ -44,15 +43,8 @@ def run(actors: int, args: argparse.Namespace, work: Path) -> dict[str, object]:
         f"execution.checkpoint_every={args.checkpoint_every}", "execution.max_networks_per_pack=1",
         "execution.device=cpu"])
     nodes = min(args.nodes, actors)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    pool = None
-    try:
-        for i in range(nodes):
-            cluster.add_node(num_cpus=actors // nodes + (1 if i < actors % nodes else 0))
-        cluster.wait_for_nodes()
-        t0 = time.perf_counter()
-        pool = RayPool(cluster.address, device="cpu", max_retries=0)
-        ready_s = time.perf_counter() - t0
+    with cluster_with_pool([actors // nodes + (1 if i < actors % nodes else 0) for i in range(nodes)],
+                           max_retries=0) as (_, pool, ready_s):
         ckdir = work / f"a{actors}"
         jobs = plan_packs(cfg, plan_networks(cfg), n_workers=pool.plan_workers, memory_bytes=pool.memory_bytes,
                           checkpoint_dir=ckdir)
@@ -77,10 +69,6 @@ def run(actors: int, args: argparse.Namespace, work: Path) -> dict[str, object]:
                 "checkpoint_writes": len(jobs) * (args.steps // args.checkpoint_every),
                 "checkpoint_bytes": sum(p.stat().st_size for p in files if p not in logs),
                 "report_log_bytes": sum(p.stat().st_size for p in logs)}
-    finally:
-        if pool is not None:
-            pool.close()
-        cluster.shutdown()
 
 
 def main() -> None:

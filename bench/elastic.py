@@ -23,27 +23,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raycluster import cluster_with_pool  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(grow: bool, args: argparse.Namespace, work: Path) -> dict:
-    from ray.cluster_utils import Cluster
-
     from orchestrator import config as cfgmod
     from orchestrator.plan import plan_networks, plan_packs
-    from orchestrator.pool import RayPool
     from workers.jobs import PackEvent
 
     cfg = cfgmod.load(ROOT / "configs" / "scaling" / "teacher_relu.yaml", [
         "sweep.variants=[]", f"sweep.widths={args.widths}", f"sweep.seeds={args.seeds}",
         f"dynamics.steps={args.steps}", "dynamics.eval_every=100", "dynamics.batch_size=64", "task.n_test=256",
         "execution.checkpoint_every=500", "execution.max_networks_per_pack=1", "execution.device=cpu"])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    pool = None
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        pool = RayPool(cluster.address, device="cpu", max_retries=0)
+    with cluster_with_pool([1], max_retries=0) as (cluster, pool, _):
         first_node = pool.workers[0].node
         nets = plan_networks(cfg)
         jobs = plan_packs(cfg, nets, n_workers=pool.plan_workers, memory_bytes=pool.memory_bytes,
@@ -82,10 +76,6 @@ def run(grow: bool, args: argparse.Namespace, work: Path) -> dict:
         return {"wall_s": round(wall, 2), "packs": len(jobs), "packs_on_new_nodes": new,
                 "share_on_new_nodes": round(new / len(jobs), 3),
                 "grew_at_s": round(grew_at, 2) if grew_at else None, "workers_at_end": pool.n_workers}
-    finally:
-        if pool is not None:
-            pool.close()
-        cluster.shutdown()
 
 
 def main() -> None:
