@@ -50,8 +50,12 @@ def driver_fields(cls: type) -> tuple[str, ...]:
 
 def at(source: Any, path: str) -> Any:
     """The value at dotted ``path`` of a config model."""
+    return _walk(source, path.split("."))
+
+
+def _walk(source: Any, parts: tuple[str, ...] | list[str]) -> Any:
     value = source
-    for part in path.split("."):
+    for part in parts:
         value = getattr(value, part)
     return value
 
@@ -130,9 +134,7 @@ def build(cls: type[T], source: Any, **by_driver: Any) -> T:
         raise SchemaError(f"{cls.__name__}: the driver sets {want}; got {', '.join(sorted(by_driver)) or 'none'}")
     kwargs = dict(by_driver)
     for f in recipe.fields:
-        value = source
-        for part in f.path:
-            value = getattr(value, part)
+        value = _walk(source, f.path)
         if value is None:
             if not f.nullable:
                 if f.none is dataclasses.MISSING:

@@ -1,6 +1,7 @@
 """Run identity and resume: a sweep's parent run is found by its ``mfsweep.sweep_key`` tag, a network's child
 run by its ``mfsweep.key`` tag under that parent, so a resumed sweep continues its runs instead of creating
-new ones; a reused run remembers the last step stored per metric, and points at or below it are dropped.
+new ones; a reused run remembers the last step stored per metric (``stored_steps``: the ledger sends no point
+at or below it).
 
 New child runs cost the caller no I/O where the writer creates them: on bulk SQL the id is a uuid4 hex like
 MLflow's and the writer creates the runs in bulk; on a tracking server (which picks ids) it is a session-local

@@ -4,6 +4,7 @@ through outages."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -217,22 +218,18 @@ class Writer:
         if self._broken is not None:  # gave up earlier; _give_up already counted these points as lost
             return
         for seg in segments(ops):
-            steps = self.store.plan(seg)
-            i = 0
-            while i < len(steps):
-                j = i + 1
-                if steps[i].wave is not None:
-                    while j < len(steps) and steps[j].wave == steps[i].wave:
-                        j += 1
+            # Consecutive steps of one wave are applied together; a step without a wave is a group alone.
+            for _, group in itertools.groupby(self.store.plan(seg),
+                                              key=lambda s: object() if s.wave is None else s.wave):
+                wave = list(group)
                 try:
-                    if j - i == 1:
-                        self._apply(steps[i])
+                    if len(wave) == 1:
+                        self._apply(wave[0])
                     else:
-                        for future in [self._pool.submit(self._apply, s) for s in steps[i:j]]:
+                        for future in [self._pool.submit(self._apply, s) for s in wave]:
                             future.result()
                 except _GiveUp:
                     return
-                i = j
 
     def _apply(self, step: Step) -> None:
         """Apply one write, retrying outages; permanent errors are recorded (not retried). Thread-safe: the
