@@ -28,6 +28,8 @@ Last line of stdout is one JSON object:
     rss_base_mb, peak_rss_mb, rss_growth_mb        resident memory after the imports, the process's peak (driver
                                                    and fake workers; the workers hold a bounded queue of reports),
                                                    and the difference
+    run_peak_rss_mb                                the peak by the end of pool.run (planning and the report path;
+                                                   the rest of the peak is the analysis, plots and read-back)
     exponent, exponent_ci95, planted_exponent,     summary.json's fitted exponent of the variant and whether its
     exponent_ok                                    95% interval holds the planted one
     results_ok                                     results.jsonl holds every network once
@@ -77,6 +79,10 @@ def cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -90,6 +96,7 @@ class TimedSimPool(SimPool):
     run_wall_s = 0.0
     run_cpu_s = 0.0
     n_packs = 0
+    run_peak_rss_mb = 0.0
 
     def run(self, jobs: Sequence[PackJob], on_event: Callable[[PackEvent], None], stop: Any = None,
             on_done: OnDone | None = None, on_idle: OnIdle | None = None,
@@ -101,6 +108,7 @@ class TimedSimPool(SimPool):
         finally:
             self.run_wall_s += time.perf_counter() - w0
             self.run_cpu_s += cpu_s() - c0
+            self.run_peak_rss_mb = peak_rss_mb()  # the process's peak so far: planning and the report path
 
 
 def sweep_config(networks: int, reports: int, runs: str) -> cfgmod.ScalingConfig:
@@ -143,7 +151,7 @@ def drive(uri: str, out: Path, networks: int, workers: int, reports: int, interv
         "points_per_s": round(points / pool.run_wall_s), "points_per_s_end_to_end": round(points / wall),
         "worker_cpu_s": round(worker_cpu, 2),
         "rss_base_mb": round(base, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "run_peak_rss_mb": round(pool.run_peak_rss_mb, 1),
         "exponent": v["exponent"], "exponent_ci95": [lo, hi], "planted_exponent": curve.exponent,
         "exponent_ok": bool(lo <= curve.exponent <= hi), "n_converged": v["n_converged"],
         "results_ok": results_ok(out / "results.jsonl", {net.net_id for net in sweep.networks}),

@@ -134,10 +134,20 @@ def _units(pts: Sequence[Point]) -> tuple[np.ndarray, int, int]:
     return np.arange(len(pts)), len(pts), len(seeds)
 
 
-def _draws(n_units: int, n_boot: int, seed: int) -> np.ndarray:
-    """How often each unit is drawn in each bootstrap replicate, (n_boot, n_units)."""
+def _resampled(n_units: int, n_boot: int, seed: int, *per_unit: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each per-unit table summed over every bootstrap replicate's draws: ``counts @ table``, (n_boot, ...),
+    where ``counts[b, u]`` is how often unit u is drawn in replicate b. The counts are drawn a block of
+    replicates at a time (the same stream as all at once), so memory stays flat as units grow (100k networks
+    are 10k seeds: 160 MB of counts at once)."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_boot)
+    p = np.full(n_units, 1.0 / n_units)
+    block = max(1, (1 << 20) // n_units)
+    parts: list[list[np.ndarray]] = [[] for _ in per_unit]
+    for start in range(0, n_boot, block):
+        counts = rng.multinomial(n_units, p, size=min(block, n_boot - start))
+        for acc, table in zip(parts, per_unit, strict=True):
+            acc.append(counts @ table)
+    return tuple(np.concatenate(acc) for acc in parts)
 
 
 def _ci(samples: np.ndarray) -> tuple[float, float]:
@@ -166,7 +176,8 @@ def _power_fit(pts: Sequence[Point], w: np.ndarray | None, *, n_boot: int, seed:
     cols = wt[:, None] * np.stack([np.ones_like(dx), dx, dy, dx * dx, dx * dy], axis=1)  # (P, 5)
     sums = np.zeros((n_units, 5))
     np.add.at(sums, unit_of, cols)
-    s, sx, sy, sxx, sxy = (_draws(n_units, n_boot, seed) @ sums).T  # each (B,)
+    (boot,) = _resampled(n_units, n_boot, seed, sums)
+    s, sx, sy, sxx, sxy = boot.T  # each (B,)
     den = s * sxx - sx * sx
     ok = den > 1e-12 * np.maximum(s * sxx, 1e-300)  # a replicate with a single width has no slope
     slopes = (s[ok] * sxy[ok] - sx[ok] * sy[ok]) / den[ok]
@@ -279,8 +290,7 @@ def _floor_fit(pts: Sequence[Point], w: np.ndarray | None, *, n_boot: int,
     if not p_value < FLOOR_MAX_P:
         return None, (f"not visible: the floor model fits no better than a pure power law "
                       f"(F-test p = {p_value:.2g} >= {FLOOR_MAX_P})")
-    draws = _draws(n_units, n_boot, seed)
-    boot_w, boot_wy = draws @ w_uk, draws @ wy_uk  # (B, K)
+    boot_w, boot_wy = _resampled(n_units, n_boot, seed, w_uk, wy_uk)  # (B, K)
     samples = []
     for bw, bwy in zip(boot_w, boot_wy, strict=True):
         keep = bw > 0
@@ -522,28 +532,6 @@ def _curve_groups(names: Sequence[str]) -> dict[str, list[tuple[str, int | None]
         group, width = (m["group"] or "", int(m["width"])) if m else ("", None)
         groups.setdefault(group, []).append((name, width))
     return {g: sorted(members, key=lambda nw: (nw[1] is None, nw[1] or 0)) for g, members in groups.items()}
-
-
-def seed_mean_curve(per_seed: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """Mean over seeds at every reported step, a seed that stopped earlier counting at its last value: a
-    network stops when its loss is stationary (or at the cap), so its last value stands for what follows,
-    and the mean does not jump where the set of seeds still running changes."""
-    curves = [sorted((s, v) for s, v in c if math.isfinite(v)) for c in per_seed]
-    curves = [c for c in curves if c]
-    steps = sorted({s for c in curves for s, _ in c})
-    out: list[tuple[int, float]] = []
-    pos = [0] * len(curves)
-    last: list[float | None] = [None] * len(curves)
-    for step in steps:
-        vals = []
-        for i, c in enumerate(curves):
-            while pos[i] < len(c) and c[pos[i]][0] <= step:
-                last[i] = c[pos[i]][1]
-                pos[i] += 1
-            if last[i] is not None:
-                vals.append(last[i])
-        out.append((step, sum(vals) / len(vals)))  # type: ignore[arg-type]
-    return out
 
 
 def curves_figure(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,

@@ -133,7 +133,7 @@ class Ledger:
 # --------------------------------------------------------------------------- results.jsonl (mfsweep scaling)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NetworkResult:
     """How one network ended (one line of results.jsonl)."""
 

@@ -45,7 +45,7 @@ def network_spec(vcfg: ScalingConfig, net_id: int, width: int, seed: int) -> Net
     return build(NetworkSpec, vcfg, net_id=net_id, width=width, seed=seed)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NetworkPlan:
     """One network of a sweep: where it belongs (variant, width, replicate) and its engine spec."""
 

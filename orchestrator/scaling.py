@@ -30,6 +30,7 @@ from workers.jobs import PackEvent, PackJob
 from . import mlflow_view
 from .config import ScalingConfig, dump
 from .credentials import redact
+from .curves import MeanCurves, curve_name
 from .driver import Interrupted, PoolFactory, close_tracker, config_pool, open_pool, progress_bar, run_tags
 from .ledger import Ledger, NetworkResult, ResultsFile, read_results
 from .plan import NetworkPlan, load_jobs, network_settings, plan_networks, plan_packs, save_jobs
@@ -84,7 +85,8 @@ class ScalingSweep:
         self.results = self.results_file.read()
         self._settled_count: int | None = None
         self._wait_said: float | None = None
-        self.curves: dict[int, list[tuple[int, float]]] = {}
+        self.curves = MeanCurves()
+        """This session's test-loss curves, averaged over seeds per (variant, width) as they arrive."""
         self.child: dict[int, str] = {}
         self._members: collections.Counter[str] | None = None
 
@@ -142,8 +144,9 @@ class ScalingSweep:
         return self._child(net_id)
 
     def on_point(self, ev: PackEvent, m: NetMetrics, prev_step: int) -> None:
-        self._advance(self.by_id[m.net_id].spec.width * (m.step - max(prev_step, 0)))
-        self.curves.setdefault(m.net_id, []).append((m.step, m.test_loss))
+        net = self.by_id[m.net_id]
+        self._advance(net.spec.width * (m.step - max(prev_step, 0)))
+        self.curves.add(curve_name(net.variant, net.spec.width), m.net_id, m.step, m.test_loss)
 
     def on_end(self, r: Retired, ev: PackEvent) -> None:
         """Record a network's end in results.jsonl, once per cap."""

@@ -15,6 +15,7 @@ from rich.table import Table
 from . import analysis, mlflow_view
 from .config import ScalingConfig
 from .credentials import redact
+from .curves import MeanCurves, curve_name
 from .ledger import NetworkResult
 from .plan import NetworkPlan
 
@@ -43,8 +44,8 @@ class ScalingReport:
     results: dict[int, NetworkResult]
     variants: list[tuple[str, ScalingConfig]]
     by_id: dict[int, NetworkPlan]
-    curves: dict[int, list[tuple[int, float]]]
-    """Per network, this session's (step, test loss) points."""
+    curves: MeanCurves
+    """This session's test-loss curves, averaged over seeds per (variant, width)."""
     cap: dict[str, int]
     """Step cap per variant."""
 
@@ -98,14 +99,8 @@ class ScalingReport:
 
     def _mean_curves(self) -> dict[str, list[tuple[int, float]]]:
         """Seed-averaged test-loss curve per (variant, width) from this session's reports (a network that
-        stopped counts at its last value: see analysis.seed_mean_curve)."""
-        acc: dict[str, list[list[tuple[int, float]]]] = {}
-        # Panels and legends in the config's order (net ids run over variants, then widths), not in the order
-        # packs reported.
-        for nid in sorted(self.curves):
-            net = self.by_id[nid]
-            acc.setdefault(f"{net.variant} n={net.spec.width}", []).append(self.curves[nid])
-        return {k: analysis.seed_mean_curve(v) for k, v in acc.items()}
+        stopped counts at its last value), panels and legends in the config's order."""
+        return self.curves.means(curve_name(name, w) for name, vcfg in self.variants for w in vcfg.sweep.widths)
 
     def _print_table(self, analyses: dict[str, analysis.VariantAnalysis]) -> None:
         """Rows = widths, columns = variants (fits a terminal for any number of widths), then the fits, then

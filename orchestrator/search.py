@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,6 @@ class _Live:
     prune_at: int | None = None
     retired: Retired | None = None
     fail_reason: str | None = None
-    curve: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def steps_trained(self) -> int:
@@ -472,7 +471,6 @@ class SearchRun:
         if not math.isfinite(m.test_loss):
             return
         lv.last_loss = m.test_loss
-        lv.curve.append((m.step, m.test_loss))
         if lv.trial is None or not self.single:
             return  # Optuna has no intermediate values for multi-objective studies
         lv.trial.report(m.test_loss, m.step * lv.width if self.compute_resource else m.step)

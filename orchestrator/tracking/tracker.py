@@ -69,7 +69,7 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str, *, flush_interval_s: float = 0.5,
-                 max_batch: int = 1000, retry_max_s: float = 600.0, max_queued: int = 200_000,
+                 max_batch: int = 1000, retry_max_s: float = 600.0, max_queued: int = 20_000,
                  fast_sql: bool | None = None,
                  artifact_location: str | None = None, experiment_tags: Mapping[str, str] | None = None) -> None:
         """Connect (fail fast if unreachable), create/get ``experiment`` and start the writer thread.

@@ -68,7 +68,7 @@ class Writer:
     """
 
     def __init__(self, store: Store, tracking_uri: str, *, flush_interval_s: float, max_batch: int,
-                 retry_max_s: float, max_queued: int = 200_000) -> None:
+                 retry_max_s: float, max_queued: int = 20_000) -> None:
         self.store = store
         # Backpressure: while the store is up but slower than the callers, enqueue waits once this many ops
         # queue up, so the driver's memory is bounded by what is in flight (two cycles' worth at most), not

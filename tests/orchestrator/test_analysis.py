@@ -386,11 +386,52 @@ def test_curves_figure_handles_unparsed_names_and_long_legends(tmp_path: Path) -
     assert {ln.get_gid() for ln in curves_figure(plain, "t").axes[0].lines} == {"n=16", "with junk"}
 
 
+def _direct_seed_mean(per_seed: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Oracle: at every reported step, the mean over the seeds that have reported of each one's latest value."""
+    curves = [sorted((s, v) for s, v in c if math.isfinite(v)) for c in per_seed]
+    steps = sorted({s for c in curves for s, _ in c})
+    out = []
+    for step in steps:
+        vals = [[v for s, v in c if s <= step][-1] for c in curves if c and c[0][0] <= step]
+        out.append((step, sum(vals) / len(vals)))
+    return out
+
+
 def test_seed_mean_curve_carries_a_stopped_seed_at_its_last_value() -> None:
-    from orchestrator.analysis import seed_mean_curve
+    from orchestrator.curves import seed_mean_curve
 
     a = [(0, 4.0), (10, 2.0), (20, 1.0)]           # stopped at step 20
     b = [(0, 6.0), (10, 4.0), (20, 3.0), (30, 2.0), (40, 1.0)]
     got = seed_mean_curve([a, b])
     assert got == [(0, 5.0), (10, 3.0), (20, 2.0), (30, 1.5), (40, 1.0)]
     assert seed_mean_curve([[(0, float("nan")), (10, 2.0)], [(0, 1.0)]]) == [(0, 1.0), (10, 1.5)]
+
+
+def test_mean_curves_accumulated_online_equal_the_direct_mean() -> None:
+    """Interleaved reports of many networks in several groups (different grids, stops, NaNs, a network
+    continued after its end) give each group the direct mean over its networks' whole curves."""
+    import random
+
+    from orchestrator.curves import MeanCurves
+
+    rng = random.Random(3)
+    curves: dict[int, list[tuple[int, float]]] = {}
+    group_of = {nid: f"v n={2 ** (nid % 3 + 4)}" for nid in range(30)}
+    for nid in group_of:
+        every = rng.choice([10, 20, 25])
+        stop = rng.randrange(1, 40) * every
+        curves[nid] = [(s, math.nan if rng.random() < 0.05 else rng.lognormvariate(0, 2))
+                       for s in range(rng.choice([0, every]), stop + 1, every)]
+    acc = MeanCurves()
+    pos = dict.fromkeys(curves, 0)
+    while any(pos[n] < len(c) for n, c in curves.items()):
+        nid = rng.choice([n for n, c in curves.items() if pos[n] < len(c)])
+        step, value = curves[nid][pos[nid]]
+        acc.add(group_of[nid], nid, step, value)
+        pos[nid] += 1
+    got = acc.means(["v n=64", "v n=16"])
+    assert list(got)[:2] == ["v n=64", "v n=16"] and set(got) == set(group_of.values())
+    for name, mean in got.items():
+        want = _direct_seed_mean([c for n, c in curves.items() if group_of[n] == name])
+        assert [s for s, _ in mean] == [s for s, _ in want]
+        assert all(math.isclose(a, b, rel_tol=1e-9) for (_, a), (_, b) in zip(mean, want, strict=True))

@@ -4,6 +4,7 @@ is not a network's result), and keeps failures that were the network's own."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,7 @@ def test_resume_retries_networks_failed_by_lost_workers(tmp_path: Path) -> None:
     # fault (kept as it is).
     lines = []
     for nid, rec in sorted(good.items()):
-        row = json.loads(json.dumps(rec.__dict__))
+        row = asdict(rec)
         if nid < 3:
             reason = OLD_REASONS[nid] if nid < 2 else "RuntimeError: boom"
             row.update(status="failed", final_test_loss=None, reason=reason)

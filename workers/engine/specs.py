@@ -366,7 +366,7 @@ class DynamicsSpec:
         _require(self.diverge_threshold > 0, "dynamics.diverge_threshold must be > 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NetworkSpec:
     """One network of a pack: its width, random stream and per-network hyperparameters.
 
