@@ -95,7 +95,13 @@ def pg_cluster(password: str | None = None) -> Iterator[str]:
             return
         for p in (tmp, data, sock, *([tmp / "pw"] if password is not None else [])):
             os.chown(p, pw.pw_uid, pw.pw_gid)
-        run_as = ["runuser", "-u", "postgres", "--"]
+        # runuser lives in /usr/sbin, which a non-login PATH may lack.
+        runuser = shutil.which("runuser") or next(
+            (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(p, os.X_OK)), None)
+        if runuser is None:
+            _missing("running as root and no 'runuser' to start the server as 'postgres' (util-linux)")
+            return
+        run_as = [runuser, "-u", "postgres", "--"]
     port = free_port()
     subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", *auth,
                     "-E", "UTF8"], check=True, capture_output=True)
