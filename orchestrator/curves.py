@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-__all__ = ["MeanCurves", "curve_name", "seed_mean_curve"]
+__all__ = ["MeanCurves", "curve_name"]
 
 
 def curve_name(variant: str, width: int) -> str:
@@ -72,11 +72,3 @@ class MeanCurves:
         names += [n for n in self._groups if n not in names]
         return {n: self._groups[n].mean() for n in names}
 
-
-def seed_mean_curve(per_seed: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """The mean curve of a few networks' whole curves (see the module doc)."""
-    acc = MeanCurves()
-    for i, curve in enumerate(per_seed):
-        for step, value in sorted(curve):
-            acc.add("", i, step, value)
-    return acc.means().get("", [])

@@ -398,7 +398,14 @@ def _direct_seed_mean(per_seed: list[list[tuple[int, float]]]) -> list[tuple[int
 
 
 def test_seed_mean_curve_carries_a_stopped_seed_at_its_last_value() -> None:
-    from orchestrator.curves import seed_mean_curve
+    from orchestrator.curves import MeanCurves
+
+    def seed_mean_curve(per_seed: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+        acc = MeanCurves()
+        for i, curve in enumerate(per_seed):
+            for step, value in sorted(curve):
+                acc.add("", i, step, value)
+        return acc.means().get("", [])
 
     a = [(0, 4.0), (10, 2.0), (20, 1.0)]           # stopped at step 20
     b = [(0, 6.0), (10, 4.0), (20, 3.0), (30, 2.0), (40, 1.0)]
