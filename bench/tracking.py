@@ -14,6 +14,11 @@ With --outage (starts a real `mlflow server`, then kills it):
                                      is dead (the queue takes them; nothing waits for the server)
     give_up_retry_max_s, give_up_s   flush() with the server dead, from its call until it raises "not written"
                                      (the Tracker stops retrying after retry_max_s)
+With --postgres (a throwaway PostgreSQL server, tests/conftest.py's pg_cluster, reached directly: the COPY path):
+    the same Tracker run once per --shards value (how many connections write metric points at once,
+    orchestrator.tracking.sqlstore.PG_POINT_SHARDS), side by side in one process, each into its own experiment:
+    pg_points_per_s {shards: points/s}, pg_all_present {shards: every point read back}; the SQLite
+    figures above are then skipped.
 These timings were asserts in tests/orchestrator/test_tracking.py; they are figures here, the tests keep the
 behaviour. MLflow is imported here only to read back and for the naive baseline.
 """
@@ -36,7 +41,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.tracking import Tracker, TrackingError
+from orchestrator.tracking import Tracker, TrackingError, sqlstore
 
 
 def value(run: int, metric: int, step: int) -> float:
@@ -159,6 +164,25 @@ def outage(root: Path, points: int, retry_max_s: float) -> dict[str, float]:
             "give_up_s": round(give_up_s, 3)}
 
 
+def postgres(points: int, runs: int, metrics: int, shards: list[int]) -> dict[str, object]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import postgres_uri
+
+    rates: dict[int, int] = {}
+    present: dict[int, bool] = {}
+    with postgres_uri() as uri:
+        for i, k in enumerate(shards):
+            sqlstore.PG_POINT_SHARDS = k
+            c0 = time.process_time()
+            t, kids, steps = run_tracker(uri, f"bench-{i}-shards{k}", points, runs, metrics)
+            print(f"client CPU {time.process_time() - c0:.1f}s over {t['seconds']:.1f}s", file=sys.stderr)
+            rates[k] = round(t["points"] / t["seconds"])
+            present[k] = all_present(uri, kids, steps, metrics)
+            print(f"{k} connection(s): {rates[k]} points/s, all present: {present[k]}", file=sys.stderr)
+    return {"points": points, "runs": runs, "metrics": metrics, "pg_points_per_s": rates,
+            "pg_all_present": present}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=200_000)
@@ -170,7 +194,13 @@ def main() -> None:
     ap.add_argument("--outage", action="store_true", help="also time logging and giving up with the server dead")
     ap.add_argument("--outage-points", type=int, default=10_500)
     ap.add_argument("--retry-max-s", type=float, default=1.5, help="the Tracker's retry_max_s in the outage")
+    ap.add_argument("--postgres", action="store_true", help="into PostgreSQL instead, per --shards value")
+    ap.add_argument("--shards", default="1,2,4", help="with --postgres: the point-writing connections to compare")
     args = ap.parse_args()
+    if args.postgres:
+        print(json.dumps(postgres(args.points, args.runs, args.metrics,
+                                  [int(k) for k in args.shards.split(",")])))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.dir or Path(tmp)
