@@ -27,6 +27,7 @@ MlflowClient with a notice. tests/orchestrator/test_tracking.py reads every writ
 
 from __future__ import annotations
 
+import itertools
 import math
 import uuid
 import zlib
@@ -98,11 +99,6 @@ def _point_row(run_id: str, key: str, value: float, timestamp_ms: int, step: int
     if math.isinf(value):
         return (key, _MAX_DOUBLE if value > 0 else -_MAX_DOUBLE, timestamp_ms, step, False, run_id)
     return (key, value, timestamp_ms, step, False, run_id)
-
-
-def _shard_of(run_id: str) -> int:
-    """A run's shard: the same for all its points (they keep their order), spread evenly over run ids."""
-    return zlib.crc32(run_id.encode()) % PG_POINT_SHARDS
 
 
 class BulkSqlStore:
@@ -220,21 +216,14 @@ class BulkSqlStore:
         ``PG_POINT_SHARDS`` shards written concurrently (one wave per chunk index), each on its own connection:
         one backend's index and foreign-key upkeep is the limit, not the client. A run's points stay in one
         shard and in order, so two concurrent transactions never touch the same ``latest_metrics`` row."""
-        if not self._pg:
-            rows = [_point_row(op.run_id, k, v, op.timestamp_ms, op.step)
-                    for op in ops for k, v in op.metrics.items()]
-            return [Step(f"{len(part)} metric points", len(part), partial(self._insert_points, part))
-                    for part in chunks(rows, _SQL_ROWS_PER_TXN)]
-        shards: list[list[_PointRow]] = [[] for _ in range(PG_POINT_SHARDS)]
+        n = PG_POINT_SHARDS if self._pg else 1
+        shards: list[list[_PointRow]] = [[] for _ in range(n)]
         for op in ops:
-            shard = shards[_shard_of(op.run_id)]
-            shard.extend(_point_row(op.run_id, k, v, op.timestamp_ms, op.step) for k, v in op.metrics.items())
-        per_shard = [chunks(rows, _SQL_ROWS_PER_TXN // PG_POINT_SHARDS) for rows in shards if rows]
-        steps: list[Step] = []
-        for i in range(max(map(len, per_shard), default=0)):
-            steps += [Step(f"{len(part)} metric points", len(part), partial(self._insert_points, part), wave=i)
-                      for parts in per_shard if i < len(parts) for part in [parts[i]]]
-        return steps
+            shards[zlib.crc32(op.run_id.encode()) % n].extend(
+                _point_row(op.run_id, k, v, op.timestamp_ms, op.step) for k, v in op.metrics.items())
+        per_shard = [chunks(rows, _SQL_ROWS_PER_TXN // n) for rows in shards]
+        return [Step(f"{len(part)} metric points", len(part), partial(self._insert_points, part), wave=i)
+                for i, parts in enumerate(itertools.zip_longest(*per_shard)) for part in parts if part]
 
     # ------------------------------------------------------------------ writes (writer thread)
     def _create(self, creates: Sequence[CreateOp]) -> None:
