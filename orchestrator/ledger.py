@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from array import array
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +38,28 @@ from workers.reportlog import read_events
 
 from .pool import is_infrastructure_reason
 
-__all__ = ["Ledger", "NetworkPolicy", "NetworkResult", "ResultsFile", "RunSink", "read_results"]
+__all__ = ["Ledger", "NetworkPolicy", "NetworkResult", "ResultIndex", "ResultsFile", "RunSink", "StepTable",
+           "read_results"]
+
+
+class StepTable:
+    """One step per network id (-1: none): 8 bytes per id below ``dense`` (a sweep's ids, 0..n-1, in a flat
+    array rather than a dict's ~100 bytes per entry), a dict for any other id (a search's trial-numbered ones)."""
+
+    def __init__(self, dense: int = 0) -> None:
+        self._flat = array("q", [-1]) * dense
+        self._other: dict[int, int] = {}
+
+    def get(self, net_id: int) -> int:
+        if 0 <= net_id < len(self._flat):
+            return self._flat[net_id]
+        return self._other.get(net_id, -1)
+
+    def __setitem__(self, net_id: int, step: int) -> None:
+        if 0 <= net_id < len(self._flat):
+            self._flat[net_id] = step
+        else:
+            self._other[net_id] = step
 
 
 class RunSink(Protocol):
@@ -68,22 +91,27 @@ class Ledger:
     """Consumes pack events for one driver session (see the module doc). Invariant: every point and every
     end reaches the tracker and the policy at most once per session, in report order."""
 
-    def __init__(self, tracker: RunSink, policy: NetworkPolicy) -> None:
+    def __init__(self, tracker: RunSink, policy: NetworkPolicy, networks: int = 0) -> None:
+        """``networks``: ids 0..networks-1 are kept in flat arrays (:class:`StepTable`)."""
         self.tracker = tracker
         self.policy = policy
-        self.last_step: dict[int, int] = {}
+        self.last_step = StepTable(networks)
         """Per network, the last step whose point was handled."""
-        self.ended_at: dict[int, int] = {}
+        self.ended_at = StepTable(networks)
         """Per network, the step of the last end handled (a sweep extended to more steps ends it again)."""
         self._stored: dict[str, Mapping[str, int]] = {}
-        """Per run, the largest step its store held per metric when this session first wrote to it."""
+        """Per reopened run (one that held points when this session first wrote to it), the largest step its
+        store held per metric; a run with none is not kept (it holds nothing to drop)."""
+        self._fresh: set[str] = set()
+        """Runs of this session found empty at their first write, until their network ends (bounded by what
+        is in flight)."""
         self.points_dropped = 0
         """Metric points not sent because their run stores them already."""
 
     def on_event(self, ev: PackEvent) -> None:
         rep = ev.report
         for m in rep.metrics:
-            prev = self.last_step.get(m.net_id, -1)
+            prev = self.last_step.get(m.net_id)
             if m.step <= prev:
                 continue  # a replay: trained again past a checkpoint, or re-sent from a report log
             run = self.policy.run_of(m.net_id)
@@ -93,7 +121,7 @@ class Ledger:
             self.send(run, rep.values(m), m.step)
             self.policy.on_point(ev, m, prev)
         for r in rep.retired:
-            if r.step <= self.ended_at.get(r.net_id, -1):
+            if r.step <= self.ended_at.get(r.net_id):
                 continue
             self.ended_at[r.net_id] = r.step
             self.policy.on_end(r, ev)
@@ -109,8 +137,12 @@ class Ledger:
         """Points of ``run`` at ``step`` to the tracker, less those its store holds already (a run reopened by a
         resumed session: its stored steps are read once, at its first write here)."""
         stored = self._stored.get(run)
-        if stored is None:
-            stored = self._stored[run] = dict(self.tracker.stored_steps(run))
+        if stored is None and run not in self._fresh:
+            stored = dict(self.tracker.stored_steps(run))
+            if stored:
+                self._stored[run] = stored
+            else:
+                self._fresh.add(run)
         if stored:
             new = {k: v for k, v in values.items() if step > stored.get(k, -1)}
             self.points_dropped += len(values) - len(new)
@@ -120,7 +152,7 @@ class Ledger:
 
     def step_of(self, net_id: int) -> int:
         """The last step of ``net_id`` handled this session (0: none)."""
-        return max(0, self.last_step.get(net_id, 0))
+        return max(0, self.last_step.get(net_id))
 
     def close_run(self, run: str, final: dict[str, float], step: int, tags: dict[str, str], status: str) -> None:
         """A network's final metrics, tags and status in its tracker run (idempotent)."""
@@ -128,6 +160,7 @@ class Ledger:
             self.send(run, final, step)
         self.tracker.set_tags(run, tags)
         self.tracker.end_run(run, status)
+        self._fresh.discard(run)  # ended: nothing more is written to it this session (a reopening rereads)
 
 
 # --------------------------------------------------------------------------- results.jsonl (mfsweep scaling)
@@ -171,6 +204,9 @@ class NetworkResult:
                 or self.cap >= steps)
 
 
+_REPEATED = ("variant", "status", "reason")
+
+
 def read_results(path: Path) -> dict[int, NetworkResult]:
     """Results already recorded: per network the record of the largest cap (the sweep may have been
     extended), the first of equal caps (replays never record twice); a torn last line is ignored. A network
@@ -178,16 +214,21 @@ def read_results(path: Path) -> dict[int, NetworkResult]:
     out: dict[int, NetworkResult] = {}
     if not path.exists():
         return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = NetworkResult(**json.loads(line))
-        except (json.JSONDecodeError, TypeError):
-            continue
-        if rec.status == NetStatus.FAILED.value and is_infrastructure_reason(rec.reason):
-            continue
-        old = out.get(rec.net_id)
-        if old is None or (rec.cap or -1) > (old.cap or -1):
-            out[rec.net_id] = rec
+    with path.open() as fh:  # line by line: a line per network end, 100k+ in a large sweep
+        for line in fh:
+            try:
+                d = json.loads(line)
+                for k in _REPEATED:  # a few distinct values in the whole file: one string each, not one per line
+                    if isinstance(d.get(k), str):
+                        d[k] = sys.intern(d[k])
+                rec = NetworkResult(**d)
+            except (json.JSONDecodeError, TypeError, AttributeError):
+                continue
+            if rec.status == NetStatus.FAILED.value and is_infrastructure_reason(rec.reason):
+                continue
+            old = out.get(rec.net_id)
+            if old is None or (rec.cap or -1) > (old.cap or -1):
+                out[rec.net_id] = rec
     return out
 
 
@@ -206,3 +247,28 @@ class ResultsFile:
             fh.write(json.dumps(asdict(res)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+class ResultIndex:
+    """What a sweep's driver keeps of its recorded networks while it runs (9 bytes per network; the records
+    themselves stay in results.jsonl): the step each record ended at, and whether the network is settled for
+    the step cap in force (:meth:`NetworkResult.settled`)."""
+
+    def __init__(self, networks: int) -> None:
+        self._step = StepTable(networks)
+        self._settled = bytearray(networks)
+        self.n_settled = 0
+
+    def record(self, res: NetworkResult, cap: int) -> None:
+        """``res`` is now the network's record (``cap``: its variant's step cap in force)."""
+        now = res.settled(cap)
+        self.n_settled += int(now) - self._settled[res.net_id]
+        self._settled[res.net_id] = now
+        self._step[res.net_id] = res.step
+
+    def step(self, net_id: int) -> int:
+        """The step the network's record ended at; -1: none recorded."""
+        return self._step.get(net_id)
+
+    def settled(self, net_id: int) -> bool:
+        return bool(self._settled[net_id])

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from workers.engine import Algorithm, NetworkSpec, TaskKind, Unit, derive_seed, from_dict, to_dict, traits
-from workers.jobs import PackJob
+from workers.jobs import PackJob, SpecTable
 
 from .config import ConfigError, ExecutionConfig, ScalingConfig
 from .schema import at, build, driver_fields, paths
@@ -57,16 +57,61 @@ class NetworkPlan:
     """Stable name across resumes, e.g. 'bd/w0256/s02' (MLflow child-run key)."""
 
 
-def plan_networks(cfg: ScalingConfig) -> list[NetworkPlan]:
-    """Every network of the sweep with a stable id. A replicate's stream derives from (sweep seed,
-    replicate) only, so variants and widths are paired (same seeds) for fair comparisons."""
-    out: list[NetworkPlan] = []
-    for name, vcfg in cfg.variant_configs():
-        for width in cfg.sweep.widths:
-            for rep in range(cfg.sweep.seeds):
-                spec = network_spec(vcfg, len(out), width, derive_seed(cfg.sweep.seed, rep))
-                out.append(NetworkPlan(len(out), name, rep, spec, f"{name}/w{width:05d}/s{rep:02d}"))
-    return out
+class SweepPlan(Sequence[NetworkPlan]):
+    """Every network of a sweep in id order (variant, then width, then replicate), each built when asked: a
+    network's plan is a function of the config and its id, so a driver holds none of them, whatever the
+    sweep's size. A replicate's stream derives from (sweep seed, replicate) only, so variants and widths are
+    paired (same seeds) for fair comparisons."""
+
+    def __init__(self, cfg: ScalingConfig) -> None:
+        self._variants = cfg.variant_configs()
+        self._widths = list(cfg.sweep.widths)
+        self._seeds = cfg.sweep.seeds
+        self._sweep_seed = cfg.sweep.seed
+        # One spec per variant: its networks' specs differ only in what the planner sets (id, width, seed).
+        self._templates = [network_spec(v, 0, self._widths[0], 0) for _, v in self._variants] if self._widths else []
+
+    def __len__(self) -> int:
+        return len(self._variants) * len(self._widths) * self._seeds
+
+    def _locate(self, net_id: int) -> tuple[int, int, int]:
+        """(variant index, width, replicate) of ``net_id``."""
+        if not 0 <= net_id < len(self):
+            raise IndexError(f"no network {net_id} in a sweep of {len(self)}")
+        vw, rep = divmod(net_id, self._seeds)
+        vi, wi = divmod(vw, len(self._widths))
+        return vi, self._widths[wi], rep
+
+    def variant(self, net_id: int) -> str:
+        return self._variants[self._locate(net_id)[0]][0]
+
+    def width(self, net_id: int) -> int:
+        return self._locate(net_id)[1]
+
+    def group(self, net_id: int) -> str:
+        """The (variant, width) a network belongs to, as its key names it: 'bd/w0256'."""
+        vi, width, _ = self._locate(net_id)
+        return f"{self._variants[vi][0]}/w{width:05d}"
+
+    @overload
+    def __getitem__(self, net_id: int) -> NetworkPlan: ...
+
+    @overload
+    def __getitem__(self, net_id: slice) -> list[NetworkPlan]: ...
+
+    def __getitem__(self, net_id: int | slice) -> NetworkPlan | list[NetworkPlan]:
+        if isinstance(net_id, slice):
+            return [self[i] for i in range(len(self))[net_id]]
+        if net_id < 0:
+            net_id += len(self)
+        vi, width, rep = self._locate(net_id)
+        spec = replace(self._templates[vi], net_id=net_id, width=width, seed=derive_seed(self._sweep_seed, rep))
+        return NetworkPlan(net_id, self._variants[vi][0], rep, spec, f"{self.group(net_id)}/s{rep:02d}")
+
+
+def plan_networks(cfg: ScalingConfig) -> SweepPlan:
+    """Every network of the sweep with a stable id (:class:`SweepPlan`: built when asked)."""
+    return SweepPlan(cfg)
 
 
 def pack_key(vcfg: ScalingConfig) -> str:
@@ -203,7 +248,7 @@ def plan(networks: Sequence[tuple[ScalingConfig, NetworkSpec]], *, n_workers: in
             pid = pack_id(len(jobs))
             jobs.append(PackJob(
                 pack_id=pid, task=task_spec, model=model, dynamics=dyn,
-                networks=tuple(sorted(b, key=lambda s: s.net_id)), data_seed=data_seed,
+                networks=SpecTable(sorted(b, key=lambda s: s.net_id)), data_seed=data_seed,
                 # The configs' numerics (the pack key groups by them), the run's pool settings.
                 dtype=vcfg.execution.dtype, kernel=vcfg.execution.kernel, precision=vcfg.execution.precision,
                 checkpoint=str(checkpoint_dir / f"{pid}.pt") if checkpoint_dir else None,
@@ -245,7 +290,7 @@ def load_jobs(path: Path) -> list[PackJob]:
         out.append(PackJob(
             pack_id=d["pack_id"], task=from_dict(TaskSpec, d["task"]), model=from_dict(ModelSpec, d["model"]),
             dynamics=from_dict(DynamicsSpec, d["dynamics"]),
-            networks=tuple(from_dict(NetworkSpec, n) for n in d["networks"]), data_seed=d["data_seed"],
+            networks=SpecTable(from_dict(NetworkSpec, n) for n in d["networks"]), data_seed=d["data_seed"],
             dtype=d["dtype"], kernel=d.get("kernel", "auto"), precision=d.get("precision", "ieee"),
             checkpoint=d["checkpoint"], checkpoint_every=d["checkpoint_every"]))
     return out

@@ -32,8 +32,8 @@ from .config import ScalingConfig, dump
 from .credentials import redact
 from .curves import MeanCurves, curve_name
 from .driver import Interrupted, PoolFactory, close_tracker, config_pool, open_pool, progress_bar, run_tags
-from .ledger import Ledger, NetworkResult, ResultsFile, read_results
-from .plan import NetworkPlan, load_jobs, network_settings, plan_networks, plan_packs, save_jobs
+from .ledger import Ledger, NetworkResult, ResultIndex, ResultsFile, read_results
+from .plan import load_jobs, network_settings, plan_networks, plan_packs, save_jobs
 from .pool import (
     JobFailure,
     Pool,
@@ -76,14 +76,13 @@ class ScalingSweep:
         self.tracking_uri = tracking_uri or state.get("tracking_uri") or self.folder.default_tracking_uri()
         self.sweep_key = state.get("sweep_key") or uuid.uuid4().hex
         self.networks = plan_networks(cfg)
-        self.by_id: dict[int, NetworkPlan] = {n.net_id: n for n in self.networks}
+        """Every network, built when asked (the driver keeps no per-network plan)."""
         self.variants = cfg.variant_configs()
         self.cap = {name: v.dynamics.steps for name, v in self.variants}
         """Step cap per variant (each network's dynamics.steps)."""
         self.results_path = out / "results.jsonl"
         self.results_file = ResultsFile(self.results_path)
-        self.results = self.results_file.read()
-        self._settled_count: int | None = None
+        self.results = self._index(self.results_file.read())
         self._wait_said: float | None = None
         self.curves = MeanCurves()
         """This session's test-loss curves, averaged over seeds per (variant, width) as they arrive."""
@@ -94,7 +93,7 @@ class ScalingSweep:
     def _child(self, net_id: int) -> str:
         run = self.child.get(net_id)
         if run is None:
-            net = self.by_id[net_id]
+            net = self.networks[net_id]
             v = dict(self.variants)[net.variant]
             sp = net.spec
             params = {
@@ -109,7 +108,7 @@ class ScalingSweep:
             tags = {"mfsweep.variant": net.variant, "mfsweep.steps": str(v.dynamics.steps)}
             if self.cfg.tracking.runs == "group":
                 # One run per (variant, width); each seed's curves and tags under 'seed<r>/'.
-                group = net.key.rsplit("/", 1)[0]
+                group = self.networks.group(net_id)
                 for k in ("replicate", "net_id"):
                     params.pop(k)
                 run = self.tracker.start_member(
@@ -127,33 +126,38 @@ class ScalingSweep:
         when it began (a resumed or extended sweep's group run ends again when they have)."""
         if self._members is None:
             self._members = collections.Counter(
-                net.key.rsplit("/", 1)[0] for nid, net in self.by_id.items() if not self._settled(nid))
+                self.networks.group(nid) for nid in range(len(self.networks)) if not self._settled(nid))
         return self._members
 
+    def _index(self, records: dict[int, NetworkResult]) -> ResultIndex:
+        """What the run keeps of ``records`` (results.jsonl's: read back in full only to report)."""
+        index = ResultIndex(len(self.networks))
+        for res in records.values():
+            if 0 <= res.net_id < len(self.networks):  # (a record of another plan names no network here)
+                index.record(res, self.cap[self.networks.variant(res.net_id)])
+        return index
+
     def _settled(self, net_id: int) -> bool:
-        res = self.results.get(net_id)
-        return res is not None and res.settled(self.cap[self.by_id[net_id].variant])
+        return self.results.settled(net_id)
 
     def _n_settled(self) -> int:
-        if self._settled_count is None:
-            self._settled_count = sum(1 for n in self.results if self._settled(n))
-        return self._settled_count
+        return self.results.n_settled
 
     # ------------------------------------------------------------------ the ledger's policy
     def run_of(self, net_id: int) -> str:
         return self._child(net_id)
 
     def on_point(self, ev: PackEvent, m: NetMetrics, prev_step: int) -> None:
-        net = self.by_id[m.net_id]
-        self._advance(net.spec.width * (m.step - max(prev_step, 0)))
-        self.curves.add(curve_name(net.variant, net.spec.width), m.net_id, m.step, m.test_loss)
+        variant, width = self.networks.variant(m.net_id), self.networks.width(m.net_id)
+        self._advance(width * (m.step - max(prev_step, 0)))
+        self.curves.add(curve_name(variant, width), m.net_id, m.step, m.test_loss)
 
     def on_end(self, r: Retired, ev: PackEvent) -> None:
         """Record a network's end in results.jsonl, once per cap."""
-        old = self.results.get(r.net_id)
-        if old is not None and (self._settled(r.net_id) or r.step <= old.step):
+        old_step = self.results.step(r.net_id)
+        if old_step >= 0 and (self._settled(r.net_id) or r.step <= old_step):
             return  # recorded already (re-sent from a report log, or the old cap's record of an extended run)
-        net = self.by_id[r.net_id]
+        net = self.networks[r.net_id]
         est = r.estimate
         cap = self.cap[net.variant]
         if r.status is NetStatus.FINISHED and not (est is not None and est.converged):
@@ -172,17 +176,14 @@ class ScalingSweep:
         self._advance(net.spec.width * max(0, cap - max(r.step, self.ledger.step_of(r.net_id))))
 
     def _fail(self, net_id: int, reason: str) -> None:
-        net = self.by_id[net_id]
+        net = self.networks[net_id]
         self._write(NetworkResult(net_id, net.key, net.variant, net.spec.width, net.replicate,
                                   NetStatus.FAILED.value, None, self.ledger.step_of(net_id), reason, 0.0,
                                   cap=self.cap[net.variant]))
 
     def _write(self, res: NetworkResult) -> None:
         self.results_file.append(res)  # durable before anything else hears of it
-        before = self._settled(res.net_id)
-        self.results[res.net_id] = res
-        if self._settled_count is not None and self._settled(res.net_id) and not before:
-            self._settled_count += 1
+        self.results.record(res, self.cap[self.networks.variant(res.net_id)])
         self._finalize_run(res)
         self._advance(0.0)
 
@@ -207,9 +208,12 @@ class ScalingSweep:
         replaying anything."""
         for job in jobs:
             self.ledger.replay(job)
-            if all(self._settled(sp.net_id) for sp in job.networks):
+        done = [job for job in jobs if all(self._settled(sp.net_id) for sp in job.networks)]
+        if done:
+            recorded = self.results_file.read()  # for this pass only (the run keeps just their index)
+            for job in done:
                 for sp in job.networks:
-                    self._finalize_run(self.results[sp.net_id])
+                    self._finalize_run(recorded[sp.net_id])
 
     def _on_wait(self, waited: float | None) -> None:
         """No worker alive: say so on the progress line (without one: at once, then once a minute)."""
@@ -228,7 +232,7 @@ class ScalingSweep:
         raises it; the pack then continues from its checkpoint)."""
         out = []
         for job in jobs:
-            dyn = dict(self.variants)[self.by_id[job.networks[0].net_id].variant].dynamics.spec()
+            dyn = dict(self.variants)[self.networks.variant(job.networks[0].net_id)].dynamics.spec()
             out.append(job if dyn.steps == job.dynamics.steps else replace(job, dynamics=dyn))
         return out
 
@@ -245,7 +249,7 @@ class ScalingSweep:
         cfg = self.cfg
         self.tracker = Tracker(self.tracking_uri, cfg.name,
                                experiment_tags={mlflow_view.NOTE_TAG: mlflow_view.SCALING_EXPERIMENT_NOTE})
-        self.ledger = Ledger(self.tracker, self)
+        self.ledger = Ledger(self.tracker, self, len(self.networks))
         params = flatten(cfg.model_dump(mode="json"))
         # What extending a sweep changes goes into tags (MLflow params never change).
         moving = {f"config.{k}": str(params.pop(k)) for k in _EXTENSION_KEYS if k in params}
@@ -260,7 +264,7 @@ class ScalingSweep:
             self.folder.write_state({"sweep_key": self.sweep_key, "tracking_uri": self.tracking_uri,
                                      "name": self.cfg.name})
             self.folder.write_config("config.yaml", dump(self.cfg))
-            self.results = self.results_file.read()  # as of now that the folder is ours
+            self.results = self._index(self.results_file.read())  # as of now that the folder is ours
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -268,7 +272,7 @@ class ScalingSweep:
         ex = cfg.execution
         self._progress: Progress | None = None
         plan_path = self.out / "plan.json"
-        todo = [n for n in self.networks if not self._settled(n.net_id)]
+        todo = len(self.networks) - self._n_settled()
         stop = threading.Event()
         failures: list[JobFailure] = []
         pool: Pool | None = None
@@ -289,19 +293,19 @@ class ScalingSweep:
                 else:
                     jobs = plan_packs(cfg, self.networks, n_workers=pool.plan_workers,
                                       memory_bytes=pool.memory_bytes, checkpoint_dir=self.out / "checkpoints",
-                                      skip={n for n in self.by_id if self._settled(n)})
+                                      skip={n for n in range(len(self.networks)) if self._settled(n)})
                     save_jobs(jobs, plan_path)
                 shipper = DataShipper()  # a dataset's arrays: read once here, to the workers via the object store
                 jobs = [shipper.attach(j) for j in jobs]
                 self.console.print(
-                    f"[bold]{cfg.name}[/]: {len(todo)} networks in {len(jobs)} packs on {pool.n_workers} "
+                    f"[bold]{cfg.name}[/]: {todo} networks in {len(jobs)} packs on {pool.n_workers} "
                     f"{pool.device} worker(s); MLflow {redact(self.tracking_uri)}", soft_wrap=True)
                 # Where the numbers came from: the workers' devices and nodes (timings depend on them).
                 self.tracker.set_tags(self.parent, {
                     "mfsweep.workers": f"{pool.n_workers} x {pool.device}",
                     "mfsweep.worker_nodes": str(len({w.node for w in pool.workers})),
                     "mfsweep.worker_device_names": ", ".join(sorted({w.device for w in pool.workers}))})
-                total = float(sum(self.by_id[sp.net_id].spec.width * j.dynamics.steps
+                total = float(sum(sp.width * j.dynamics.steps
                                   for j in jobs for sp in j.networks if not self._settled(sp.net_id)))
                 progress = progress_bar(self.console, self.show_progress, "networks")
                 with progress, stop_on_signals(stop):
@@ -339,5 +343,6 @@ class ScalingSweep:
         # Loaded here: the fits and plots (scipy, matplotlib) are not on the way to the first training step.
         from .scaling_report import ScalingReport
 
-        return ScalingReport(self.cfg, self.out, self.tracker, self.parent, self.tracking_uri, self.results,
-                             self.variants, self.by_id, self.curves, self.cap).finish()
+        # The records come back from results.jsonl: the run kept only their index.
+        return ScalingReport(self.cfg, self.out, self.tracker, self.parent, self.tracking_uri,
+                             self.results_file.read(), self.variants, self.curves, self.cap).finish()

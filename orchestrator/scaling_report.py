@@ -17,7 +17,6 @@ from .config import ScalingConfig
 from .credentials import redact
 from .curves import MeanCurves, curve_name
 from .ledger import NetworkResult
-from .plan import NetworkPlan
 
 if TYPE_CHECKING:
     from .tracking import Tracker
@@ -43,7 +42,6 @@ class ScalingReport:
     tracking_uri: str
     results: dict[int, NetworkResult]
     variants: list[tuple[str, ScalingConfig]]
-    by_id: dict[int, NetworkPlan]
     curves: MeanCurves
     """This session's test-loss curves, averaged over seeds per (variant, width)."""
     cap: dict[str, int]
@@ -81,7 +79,8 @@ class ScalingReport:
             "mlflow": {"tracking_uri": redact(self.tracking_uri), "experiment_id": self.tracker.experiment_id,
                        "parent_run_id": self.parent},
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
+        with (self.out / "summary.json").open("w") as fh:  # streamed: at 100k points the whole text is ~100 MB
+            json.dump(summary, fh, indent=1, allow_nan=True)
         artifacts = [self.out / "summary.json"]
         if any(a.n_points for a in analyses.values()):
             artifacts.append(analysis.plot_scaling(analyses, self.out / "scaling.png",

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator import config as cfgmod
-from orchestrator.ledger import Ledger
+from orchestrator.ledger import Ledger, NetworkResult, ResultIndex, StepTable
 from orchestrator.plan import (
+    NetworkPlan,
+    network_spec,
     pack_memory,
     plan,
     plan_networks,
     plan_packs,
 )
 from orchestrator.runfolder import RunFolder
-from workers.engine import NetMetrics, NetStatus, Report, Retired
-from workers.jobs import PackEvent
+from workers.engine import NetMetrics, NetStatus, Report, Retired, derive_seed
+from workers.jobs import PackEvent, SpecTable
 
 # Each per-network setting's way from its config key to its network, its MLflow param and a shared pack is
 # tested for every NetworkSpec field in tests/orchestrator/test_schema.py.
@@ -31,6 +35,64 @@ def test_sweep_networks_carry_their_variants_settings() -> None:
     by_variant = {n.variant: n.spec for n in plan_networks(cfg)}
     assert (by_variant["a"].temperature, by_variant["a"].bd_rate) == (0.0, 0.0)
     assert (by_variant["b"].temperature, by_variant["b"].bd_rate) == (0.5, 2.0)
+
+
+def test_sweep_plan_builds_each_network_as_the_direct_loop_does() -> None:
+    """The plan holds no network: each is built when asked, from the config and its id. Oracle: every
+    network built the direct way (variant, then width, then replicate; its spec from the variant's config)."""
+    cfg = cfgmod.load(None, ["sweep.widths=[8,32,128]", "sweep.seeds=3", "sweep.seed=7",
+                             "sweep.variants=[{name: a}, {name: b, set: {dynamics.temperature: 0.5}}]"])
+    want: list[NetworkPlan] = []
+    for name, vcfg in cfg.variant_configs():
+        for width in cfg.sweep.widths:
+            for rep in range(cfg.sweep.seeds):
+                spec = network_spec(vcfg, len(want), width, derive_seed(cfg.sweep.seed, rep))
+                want.append(NetworkPlan(len(want), name, rep, spec, f"{name}/w{width:05d}/s{rep:02d}"))
+    nets = plan_networks(cfg)
+    assert len(nets) == len(want) == 18
+    assert list(nets) == want and nets[-1] == want[-1] and nets[4:7] == want[4:7]
+    assert [(nets.variant(i), nets.width(i), nets.group(i)) for i in range(len(nets))] == [
+        (n.variant, n.spec.width, n.key.rsplit("/", 1)[0]) for n in want]
+    with pytest.raises(IndexError):
+        nets[len(want)]
+
+
+def test_step_table_and_result_index_keep_a_sweep_in_flat_arrays() -> None:
+    t = StepTable(3)
+    assert [t.get(i) for i in (0, 2, 3, 10**6)] == [-1, -1, -1, -1]
+    t[2], t[10**6] = 40, 7  # an id past the dense range (a search's) goes to the dict
+    assert (t.get(2), t.get(10**6), t.get(1)) == (40, 7, -1)
+    idx = ResultIndex(3)
+
+    def rec(net_id: int, status: NetStatus, step: int, converged: bool | None, cap: int) -> NetworkResult:
+        return NetworkResult(net_id, "k", "v", 8, 0, status.value, 0.1, step, "", 0.0, converged=converged, cap=cap)
+
+    idx.record(rec(0, NetStatus.FINISHED, 100, False, 100), cap=200)  # stopped at an old, lower cap
+    idx.record(rec(1, NetStatus.DIVERGED, 30, None, 200), cap=200)
+    assert (idx.step(0), idx.step(1), idx.step(2)) == (100, 30, -1)
+    assert (idx.settled(0), idx.settled(1), idx.settled(2), idx.n_settled) == (False, True, False, 1)
+    idx.record(rec(0, NetStatus.FINISHED, 200, False, 200), cap=200)  # trained on to the cap in force
+    assert (idx.step(0), idx.settled(0), idx.n_settled) == (200, True, 2)
+    idx.record(rec(0, NetStatus.FINISHED, 200, False, 200), cap=200)  # the same again counts once
+    assert idx.n_settled == 2
+
+
+def test_spec_table_gives_back_the_specs_it_was_built_from() -> None:
+    """A pack keeps its networks as columns; oracle: the spec objects themselves (mixed settings in one pack,
+    as two variants differing in temperature share packs; a seed past 63 bits falls back to a list)."""
+    cfg = cfgmod.load(None, ["sweep.widths=[8,64]", "sweep.seeds=2",
+                             "sweep.variants=[{name: a}, {name: b, set: {dynamics.temperature: 0.5}}]"])
+    specs = [n.spec for n in plan_networks(cfg)]
+    specs.append(replace(specs[0], net_id=99, seed=2**64 + 5))
+    table = SpecTable(specs)
+    assert len(table) == len(specs) and list(table) == specs and table == tuple(specs) and tuple(specs) == table
+    assert table[-1] == specs[-1] and table[2:5] == tuple(specs[2:5]) and hash(table) == hash(tuple(specs))
+    assert pickle.loads(pickle.dumps(table)) == table and table != tuple(specs[:-1])
+    with pytest.raises(IndexError):
+        table[len(specs)]
+    nets = plan_networks(cfg)
+    (job,) = plan_packs(cfg, nets, n_workers=1, memory_bytes=1 << 34, checkpoint_dir=None)
+    assert isinstance(job.networks, SpecTable) and list(job.networks) == sorted(specs[:-1], key=lambda s: s.net_id)
 
 
 def test_plan_reports_too_wide_networks_and_packs_the_rest() -> None:
