@@ -82,16 +82,18 @@ class SweepPlan(Sequence[NetworkPlan]):
         vi, wi = divmod(vw, len(self._widths))
         return vi, self._widths[wi], rep
 
-    def variant(self, net_id: int) -> str:
-        return self._variants[self._locate(net_id)[0]][0]
+    def variant_width(self, net_id: int) -> tuple[str, int]:
+        """(variant, width) of ``net_id``, by arithmetic: what the report path needs of a network."""
+        vi, width, _ = self._locate(net_id)
+        return self._variants[vi][0], width
 
-    def width(self, net_id: int) -> int:
-        return self._locate(net_id)[1]
+    def variant(self, net_id: int) -> str:
+        return self.variant_width(net_id)[0]
 
     def group(self, net_id: int) -> str:
         """The (variant, width) a network belongs to, as its key names it: 'bd/w0256'."""
-        vi, width, _ = self._locate(net_id)
-        return f"{self._variants[vi][0]}/w{width:05d}"
+        variant, width = self.variant_width(net_id)
+        return f"{variant}/w{width:05d}"
 
     @overload
     def __getitem__(self, net_id: int) -> NetworkPlan: ...
@@ -106,7 +108,8 @@ class SweepPlan(Sequence[NetworkPlan]):
             net_id += len(self)
         vi, width, rep = self._locate(net_id)
         spec = replace(self._templates[vi], net_id=net_id, width=width, seed=derive_seed(self._sweep_seed, rep))
-        return NetworkPlan(net_id, self._variants[vi][0], rep, spec, f"{self.group(net_id)}/s{rep:02d}")
+        name = self._variants[vi][0]
+        return NetworkPlan(net_id, name, rep, spec, f"{name}/w{width:05d}/s{rep:02d}")
 
 
 def plan_networks(cfg: ScalingConfig) -> SweepPlan:

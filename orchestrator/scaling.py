@@ -148,7 +148,7 @@ class ScalingSweep:
         return self._child(net_id)
 
     def on_point(self, ev: PackEvent, m: NetMetrics, prev_step: int) -> None:
-        variant, width = self.networks.variant(m.net_id), self.networks.width(m.net_id)
+        variant, width = self.networks.variant_width(m.net_id)
         self._advance(width * (m.step - max(prev_step, 0)))
         self.curves.add(curve_name(variant, width), m.net_id, m.step, m.test_loss)
 

@@ -51,7 +51,7 @@ def test_sweep_plan_builds_each_network_as_the_direct_loop_does() -> None:
     nets = plan_networks(cfg)
     assert len(nets) == len(want) == 18
     assert list(nets) == want and nets[-1] == want[-1] and nets[4:7] == want[4:7]
-    assert [(nets.variant(i), nets.width(i), nets.group(i)) for i in range(len(nets))] == [
+    assert [(*nets.variant_width(i), nets.group(i)) for i in range(len(nets))] == [
         (n.variant, n.spec.width, n.key.rsplit("/", 1)[0]) for n in want]
     with pytest.raises(IndexError):
         nets[len(want)]
