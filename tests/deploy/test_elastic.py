@@ -31,7 +31,9 @@ from workers.jobs import PackEvent, PackJob
 from .support import ROOT
 
 CONFIG = ROOT / "configs" / "scaling" / "teacher_relu.yaml"
-RAY_LOG_LINE = re.compile(r"\((raylet|gcs_server|pid=\d+)[^)]*\)")  # a line Ray forwarded from a process log
+# A line Ray forwarded from a process log: its first line names the process; a raylet's state dump goes on over
+# lines of its own, each starting "[state-dump]".
+RAY_LOG_LINE = re.compile(r"\((raylet|gcs_server|pid=\d+)[^)]*\)|^\s*\[state-dump\]")
 
 
 def sets(widths: str, seeds: int, steps: int, every: int, per_pack: int, *extra: str) -> list[str]:
