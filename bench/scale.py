@@ -1,7 +1,8 @@
 """Scale simulation: the real `mfsweep scaling` driver on a simulated pool (fake workers, no training).
 
     python bench/scale.py [--networks 1000] [--workers 10] [--reports 20] [--interval-s 0]
-                          [--runs network|group] [--postgres | --server | --uri URI] [--sample-runs 50]
+                          [--runs network|group] [--pack-size K] [--postgres | --server | --uri URI]
+                          [--sample-runs 50]
 
 It runs ``orchestrator.scaling.ScalingSweep`` (what ``mfsweep scaling`` runs: plan, ledger, tracker,
 results.jsonl, analysis, summary.json, plots) with its pool made by ``orchestrator.simpool.SimPool``:
@@ -12,7 +13,10 @@ L = 2 / n * f * (1 + 1 / (1 + t)) (f: 5% lognormal per network). The sweep: one 
 (10 widths), ``--networks / 10`` seeds, teacher task (its specs only: nothing trains).
 
 Last line of stdout is one JSON object:
-    networks, workers, packs, reports, runs        sizes (runs: tracking.runs, the MLflow layout)
+    networks, workers, packs, pack_size, reports,  sizes (runs: tracking.runs, the MLflow layout; pack_size:
+    runs                                           execution.max_networks_per_pack: at most workers x pack_size
+                                                   networks are in flight, so memory held per network shows
+                                                   apart from memory held per network in flight)
     points                                         curve points (test_loss + train_loss values) the sweep logged
     driver_cpu_s_per_network                       the driver's CPU time per network, whole sweep (plan to summary,
                                                    plots and tracker close): process CPU time minus the fake
@@ -111,9 +115,10 @@ class TimedSimPool(SimPool):
             self.run_peak_rss_mb = peak_rss_mb()  # the process's peak so far: planning and the report path
 
 
-def sweep_config(networks: int, reports: int, runs: str) -> cfgmod.ScalingConfig:
+def sweep_config(networks: int, reports: int, runs: str, pack_size: int | None = None) -> cfgmod.ScalingConfig:
     steps = reports * EVAL_EVERY
-    return cfgmod.load(None, [
+    packing = [] if pack_size is None else [f"execution.max_networks_per_pack={pack_size}"]
+    return cfgmod.load(None, [*packing,
         "name=scale", "task.kind=teacher", "task.dim=4", "sweep.variants=[]", f"sweep.widths={WIDTHS}",
         f"sweep.seeds={networks // len(WIDTHS)}", f"dynamics.steps={steps}", f"dynamics.eval_every={EVAL_EVERY}",
         # The final window: the last half of the run (>= 10 reports for the plateau test from 20 reports on).
@@ -121,8 +126,8 @@ def sweep_config(networks: int, reports: int, runs: str) -> cfgmod.ScalingConfig
 
 
 def drive(uri: str, out: Path, networks: int, workers: int, reports: int, interval_s: float, runs: str,
-          sample: int) -> dict[str, Any]:
-    cfg = sweep_config(networks, reports, runs)
+          sample: int, pack_size: int | None = None) -> dict[str, Any]:
+    cfg = sweep_config(networks, reports, runs, pack_size)
     curve = PlantedCurve()
     pools: list[TimedSimPool] = []
 
@@ -143,7 +148,8 @@ def drive(uri: str, out: Path, networks: int, workers: int, reports: int, interv
     (v,) = summary["variants"]
     lo, hi = v["exponent_ci95"] or (float("nan"), float("nan"))
     res: dict[str, Any] = {
-        "networks": n, "workers": workers, "packs": pool.n_packs, "reports": reports, "runs": runs,
+        "networks": n, "workers": workers, "packs": pool.n_packs, "pack_size": cfg.execution.max_networks_per_pack,
+        "reports": reports, "runs": runs,
         "interval_s": interval_s, "points": points,
         "driver_cpu_s_per_network": round((cpu - worker_cpu) / n, 6), "driver_cpu_s": round(cpu - worker_cpu, 2),
         "run_cpu_s_per_network": round((pool.run_cpu_s - worker_cpu) / n, 6),
@@ -262,6 +268,8 @@ def main() -> None:
     ap.add_argument("--reports", type=int, default=20, help="reports per network after step 0 (>= 20)")
     ap.add_argument("--interval-s", type=float, default=0.0, help="seconds between a worker's reports")
     ap.add_argument("--runs", choices=["network", "group"], default="network", help="tracking.runs")
+    ap.add_argument("--pack-size", type=int, help="execution.max_networks_per_pack (default: the config's); the "
+                    "networks in flight are at most workers x pack size")
     ap.add_argument("--sample-runs", type=int, default=50, help="networks whose full histories are read back")
     ap.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL store")
     ap.add_argument("--server", action="store_true", help="a real `mlflow server` on a throwaway PostgreSQL")
@@ -289,7 +297,7 @@ def main() -> None:
             else:
                 uri = f"sqlite:///{root / 'mlflow.db'}"
             res = drive(uri, root / "out", args.networks, args.workers, args.reports, args.interval_s, args.runs,
-                        args.sample_runs)
+                        args.sample_runs, args.pack_size)
     res["uptime"] = load
     print(json.dumps(res))
 

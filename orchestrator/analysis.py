@@ -44,9 +44,9 @@ TIME_LIMITED_SHARE = 0.5
 REGIMES = ("width-limited", "time-limited", "mixed")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Point:
-    """Final result of one network."""
+    """Final result of one network (slots: a report holds one per network, 100k+ in a large sweep)."""
 
     width: int
     """Number of particles (hidden units) n."""

@@ -69,7 +69,7 @@ class RunSink(Protocol):
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None: ...
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+    def end_run(self, run_id: str, status: str = "FINISHED", *, release: bool = False) -> None: ...
 
     def stored_steps(self, run_id: str) -> Mapping[str, int]: ...
 
@@ -154,13 +154,17 @@ class Ledger:
         """The last step of ``net_id`` handled this session (0: none)."""
         return max(0, self.last_step.get(net_id))
 
-    def close_run(self, run: str, final: dict[str, float], step: int, tags: dict[str, str], status: str) -> None:
-        """A network's final metrics, tags and status in its tracker run (idempotent)."""
+    def close_run(self, run: str, final: dict[str, float], step: int, tags: dict[str, str], status: str, *,
+                  release: bool = False) -> None:
+        """A network's final metrics, tags and status in its tracker run (idempotent unless ``release``: the
+        caller will not write to the run again this session, and the tracker forgets it)."""
         if final:
             self.send(run, final, step)
         self.tracker.set_tags(run, tags)
-        self.tracker.end_run(run, status)
+        self.tracker.end_run(run, status, release=release)
         self._fresh.discard(run)  # ended: nothing more is written to it this session (a reopening rereads)
+        if release:
+            self._stored.pop(run, None)
 
 
 # --------------------------------------------------------------------------- results.jsonl (mfsweep scaling)

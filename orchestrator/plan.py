@@ -13,9 +13,10 @@ all follow from the field.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -277,19 +278,41 @@ def plan_packs(cfg: ScalingConfig, networks: Sequence[NetworkPlan], *, n_workers
 
 
 def save_jobs(jobs: Sequence[PackJob], path: Path) -> None:
-    data = [{"pack_id": j.pack_id, "task": to_dict(j.task), "model": to_dict(j.model),
-             "dynamics": to_dict(j.dynamics), "networks": [to_dict(n) for n in j.networks],
-             "data_seed": j.data_seed, "dtype": j.dtype, "kernel": j.kernel, "precision": j.precision,
-             "checkpoint": j.checkpoint,
-             "checkpoint_every": j.checkpoint_every} for j in jobs]
-    path.write_text(json.dumps(data, indent=1))
+    """plan.json: a JSON array with one pack per line, written a pack at a time (a 100k-network plan as one
+    string would be a ~100 MB transient in the driver) to a temporary file moved into place (a driver killed
+    while writing leaves the old plan)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        fh.write("[\n")
+        for i, j in enumerate(jobs):
+            fh.write(",\n" if i else "")
+            json.dump({"pack_id": j.pack_id, "task": to_dict(j.task), "model": to_dict(j.model),
+                       "dynamics": to_dict(j.dynamics), "networks": [to_dict(n) for n in j.networks],
+                       "data_seed": j.data_seed, "dtype": j.dtype, "kernel": j.kernel, "precision": j.precision,
+                       "checkpoint": j.checkpoint, "checkpoint_every": j.checkpoint_every}, fh)
+        fh.write("\n]\n")
+    tmp.replace(path)
+
+
+def _job_dicts(path: Path) -> Iterator[dict[str, Any]]:
+    """plan.json's packs, read a line at a time (a plan written as one indented document by an earlier
+    version is read whole)."""
+    with path.open() as fh:
+        head = [fh.readline(), fh.readline()]
+        if head[0].strip() == "[" and head[1].startswith("{"):  # a pack per line
+            for line in itertools.chain(head[1:], fh):
+                line = line.strip().removesuffix(",")
+                if line and line != "]":
+                    yield json.loads(line)
+            return
+    yield from json.loads(path.read_text())
 
 
 def load_jobs(path: Path) -> list[PackJob]:
     from workers.engine import DynamicsSpec, ModelSpec, TaskSpec
 
     out = []
-    for d in json.loads(path.read_text()):
+    for d in _job_dicts(path):
         out.append(PackJob(
             pack_id=d["pack_id"], task=from_dict(TaskSpec, d["task"]), model=from_dict(ModelSpec, d["model"]),
             dynamics=from_dict(DynamicsSpec, d["dynamics"]),

@@ -87,6 +87,9 @@ class ScalingSweep:
         self.curves = MeanCurves()
         """This session's test-loss curves, averaged over seeds per (variant, width) as they arrive."""
         self.child: dict[int, str] = {}
+        """The tracker run of each network in flight (dropped when its run is finalized)."""
+        self._finalized = bytearray(len(self.networks))
+        """1: the network's run was finalized (ended and released) this session; it is not opened again."""
         self._members: collections.Counter[str] | None = None
 
     # ------------------------------------------------------------------ events
@@ -144,8 +147,8 @@ class ScalingSweep:
         return self.results.n_settled
 
     # ------------------------------------------------------------------ the ledger's policy
-    def run_of(self, net_id: int) -> str:
-        return self._child(net_id)
+    def run_of(self, net_id: int) -> str | None:
+        return None if self._finalized[net_id] else self._child(net_id)
 
     def on_point(self, ev: PackEvent, m: NetMetrics, prev_step: int) -> None:
         variant, width = self.networks.variant_width(m.net_id)
@@ -188,7 +191,13 @@ class ScalingSweep:
         self._advance(0.0)
 
     def _finalize_run(self, res: NetworkResult) -> None:
-        """Final metrics, tags and status of a network's child run (idempotent)."""
+        """Final metrics, tags and status of a network's child run. Once the network is settled this is done
+        once a session (on resume, a network whose replayed report log ended it is not finalized again), and
+        the tracker then forgets the run, as does the sweep: memory is bounded by the networks in flight. (A
+        network recorded at an old cap by a replayed log trains on to the new one: its run stays open.)"""
+        if self._finalized[res.net_id]:
+            return
+        settled = self._settled(res.net_id)  # (results.jsonl holds ``res`` already)
         final = {"wall_time_s": res.wall_s, "final_step": float(res.step), "stop_step": float(res.step)}
         for key in ("final_test_loss", "final_loss_mean", "final_loss_se", "final_slope"):
             value = getattr(res, key)
@@ -198,7 +207,10 @@ class ScalingSweep:
         if res.converged is not None:
             tags["mfsweep.converged"] = str(res.converged).lower()
         self.ledger.close_run(self._child(res.net_id), final, res.step, tags,
-                              "FINISHED" if res.status == NetStatus.FINISHED.value else "FAILED")
+                              "FINISHED" if res.status == NetStatus.FINISHED.value else "FAILED", release=settled)
+        if settled:
+            self._finalized[res.net_id] = 1
+            self.child.pop(res.net_id, None)
 
     def _reconcile(self, jobs: list[PackJob]) -> None:
         """On resume, before any pack runs again: re-send every pack's report log (reports and network ends

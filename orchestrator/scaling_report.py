@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from rich.console import Console
 from rich.table import Table
@@ -29,6 +30,53 @@ def _point_json(r: NetworkResult) -> dict[str, Any]:
     return {"width": r.width, "seed": r.replicate, "test_loss": r.result_loss, "test_loss_se": r.final_loss_se,
             "converged": r.converged, "stop_step": r.step, "final_slope": r.final_slope,
             "last_test_loss": r.final_test_loss, "status": r.status}
+
+
+class SummaryPoints(Sequence[dict[str, Any]]):
+    """A variant's points in the summary, each made from its record when read (100k point dicts held at once
+    would be ~40 MB of the report's peak); :func:`write_summary` writes them one at a time."""
+
+    def __init__(self, records: Sequence[NetworkResult]) -> None:
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(i, slice):
+            return [_point_json(r) for r in self._records[i]]
+        return _point_json(self._records[i])
+
+
+def write_summary(summary: Mapping[str, Any], path: Path) -> None:
+    """summary.json, indented, with each variant's points a line each, made and written one at a time: the
+    summary's other values go through the JSON encoder, which hands a marker in for each SummaryPoints."""
+    lazy: dict[str, SummaryPoints] = {}
+
+    def mark(o: object) -> str:
+        if not isinstance(o, SummaryPoints):
+            raise TypeError(f"{type(o).__name__} is not JSON serializable")
+        marker = f"\0mfsweep-points-{len(lazy)}"
+        lazy[json.dumps(marker)] = o
+        return marker
+
+    with path.open("w") as fh:
+        for chunk in json.JSONEncoder(indent=1, allow_nan=True, default=mark).iterencode(summary):
+            points = lazy.get(chunk)
+            if points is None:
+                fh.write(chunk)
+                continue
+            fh.write("[")
+            for i, p in enumerate(points):
+                fh.write(",\n    " if i else "\n    ")
+                json.dump(p, fh, allow_nan=True)
+            fh.write("\n   ]" if points else "]")
 
 
 @dataclass
@@ -65,7 +113,7 @@ class ScalingReport:
                 "prefactor": law.prefactor if law else None,
                 "r2": law.r2 if law else None,
                 **a.to_json(),
-                "points": [_point_json(r) for r in recs],
+                "points": SummaryPoints(recs),
             })
             self.tracker.log_metrics(self.parent, _parent_metrics(name, a), 0)
             self.tracker.set_tags(self.parent, {f"mfsweep.regime.{name}": a.regime or "none",
@@ -79,8 +127,7 @@ class ScalingReport:
             "mlflow": {"tracking_uri": redact(self.tracking_uri), "experiment_id": self.tracker.experiment_id,
                        "parent_run_id": self.parent},
         }
-        with (self.out / "summary.json").open("w") as fh:  # streamed: at 100k points the whole text is ~100 MB
-            json.dump(summary, fh, indent=1, allow_nan=True)
+        write_summary(summary, self.out / "summary.json")  # streamed: at 100k points the text is ~100 MB
         artifacts = [self.out / "summary.json"]
         if any(a.n_points for a in analyses.values()):
             artifacts.append(analysis.plot_scaling(analyses, self.out / "scaling.png",

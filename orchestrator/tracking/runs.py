@@ -11,8 +11,9 @@ schema, ``fast_sql=False``) ``create_run`` is one synchronous call and the param
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -61,11 +62,21 @@ class RunBook:
         self._lock = threading.RLock()  # start_* may be called from several threads
         self._fresh_parents: set[str] = set()
         self._children: dict[str, dict[str, str]] = {}  # parent -> network key -> run id
-        self._own: set[str] = set()  # runs started here: the only ones the bulk SQL path writes to
+        # Runs started here (the only ones the bulk SQL path writes to) -> a child's (parent, key).
+        self._own: dict[str, tuple[str, str] | None] = {}
         self._floors: dict[str, dict[str, int]] = {}  # run -> metric key -> max step already stored
+        self._releasing: set[str] = set()  # ended with release: forgotten once the end is stored
+        self._ended: collections.deque[str] = collections.deque()  # ends the writer stored (thread-safe appends)
 
     def owned(self, run_id: str) -> bool:
         return run_id in self._own
+
+    @property
+    def held(self) -> int:
+        """Runs this session keeps an identity of (a released run is dropped once its end is stored)."""
+        with self._lock:
+            self._forget_ended()
+            return len(self._own)
 
     def known_child(self, parent_id: str, key: str) -> str | None:
         """The run of ``key`` if this session started it already."""
@@ -107,7 +118,7 @@ class RunBook:
                     self._experiment_id, tags=str_tags, run_name=run_name))
                 run_id = str(run.info.run_id)
                 self._fresh_parents.add(run_id)
-            self._own.add(run_id)
+            self._own[run_id] = None
             if str_tags:
                 self._writer.enqueue(TagsOp(run_id, str_tags))
             if params:
@@ -122,6 +133,7 @@ class RunBook:
         if len(name) > MAX_KEY_LENGTH:
             raise ValueError(f"MLflow run name {name[:40]!r}... is longer than {MAX_KEY_LENGTH} characters")
         with self._lock:
+            self._forget_ended()
             children = self._children.get(parent_id)
             if children is None:
                 children = {}
@@ -137,7 +149,7 @@ class RunBook:
             if run_id is None:
                 if self._writer.store.creates_runs:  # no I/O here: the writer creates it with its params
                     run_id = self._writer.store.new_run_id()
-                    self._own.add(run_id)
+                    self._own[run_id] = (parent_id, key)
                     children[key] = run_id
                     self._writer.enqueue(CreateOp(run_id, name, str_tags, str_params, now_ms()))
                     return run_id
@@ -150,10 +162,38 @@ class RunBook:
                 self._floors[run_id] = self._stored_steps(rid)
                 self._call(f"reopen child run {key}", lambda: self._client.update_run(rid, status="RUNNING"))
                 self._writer.enqueue(TagsOp(run_id, str_tags))
-            self._own.add(run_id)
+            self._own[run_id] = (parent_id, key)
             if str_params:
                 self._writer.enqueue(ParamsOp(run_id, str_params))
             return run_id
+
+    def release(self, run_id: str) -> None:
+        """The caller is done with this child run for the session (it will not start its key again): forget
+        it once its end is stored (:meth:`ended`), so memory is bounded by the runs in flight."""
+        with self._lock:
+            if self._own.get(run_id) is not None:
+                self._releasing.add(run_id)
+
+    def ended(self, run_ids: Iterable[str]) -> None:
+        """The writer stored these runs' ends (and, before them, every write queued for them). Called on the
+        writer thread, which must not take the lock (a caller holding it may be waiting for the writer): the
+        runs are forgotten at the next start or count."""
+        self._ended.extend(run_ids)
+
+    def _forget_ended(self) -> None:
+        """Under the lock: forget the released runs whose ends were stored."""
+        while self._ended:
+            run_id = self._ended.popleft()
+            if run_id not in self._releasing:
+                continue
+            self._releasing.discard(run_id)
+            owner = self._own.pop(run_id, None)
+            if owner is not None:
+                children = self._children.get(owner[0], {})
+                if children.get(owner[1]) == run_id:
+                    del children[owner[1]]
+            self._floors.pop(run_id, None)
+            self._writer.store.forget(run_id)
 
     def mlflow_id(self, run_id: str) -> str:
         """MLflow's id of a run this session started (a handle until the writer created it: waits for that

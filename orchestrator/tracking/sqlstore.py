@@ -174,6 +174,9 @@ class BulkSqlStore:
     def resolve(self, run_id: str) -> str | None:
         return run_id
 
+    def forget(self, run_id: str) -> None:
+        pass  # keeps nothing per run (what it owns is the run book's)
+
     def artifact_uri(self, run_id: str) -> str:
         """Where MLflow's create_run puts a run's artifacts: <experiment location>/<run id>/artifacts."""
         return f"{self._artifacts}/{run_id}/artifacts"

@@ -64,6 +64,10 @@ class Store(Protocol):
         """The MLflow run id of ``run_id`` (itself unless it is a handle); None while not created."""
         ...
 
+    def forget(self, run_id: str) -> None:
+        """Nothing more will be written to ``run_id`` this session: drop what is kept about it."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -92,6 +96,9 @@ class _PerRunStore:
 
     def resolve(self, run_id: str) -> str | None:
         return run_id
+
+    def forget(self, run_id: str) -> None:
+        pass  # keeps nothing per run
 
     def plan_runs(self, seg: Segment, params_of: Mapping[str, Mapping[str, str]],
                   tags_of: Mapping[str, Mapping[str, str]], points: Sequence[Any],
@@ -163,6 +170,11 @@ class RestStore(_PerRunStore):
 
     def new_run_id(self) -> str:
         return f"{PENDING_PREFIX}{uuid.uuid4().hex}"
+
+    def forget(self, run_id: str) -> None:
+        with self._lock:
+            self._ids.pop(run_id, None)
+            self._tried.discard(run_id)
 
     def resolve(self, run_id: str) -> str | None:
         if not run_id.startswith(PENDING_PREFIX):

@@ -117,7 +117,8 @@ class Tracker:
                                      lambda run_id: self._runs.owned(run_id), self.experiment_id,
                                      str(exp.artifact_location))
         self._writer = Writer(bulk or store, tracking_uri, flush_interval_s=flush_interval_s, max_batch=max_batch,
-                              retry_max_s=retry_max_s, max_queued=max_queued)
+                              retry_max_s=retry_max_s, max_queued=max_queued,
+                              on_ended=lambda run_ids: self._runs.ended(run_ids))
         self._runs = RunBook(self._client, self.experiment_id, self._writer, self._call)
 
     # ------------------------------------------------------------------ connection
@@ -274,8 +275,14 @@ class Tracker:
             run_id, str_tags = self._member(run_id, {str(k): str(v) for k, v in tags.items()})
             self._writer.enqueue(TagsOp(run_id, str_tags))
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Enqueue the run's end; applied after everything enqueued for it before."""
+    def end_run(self, run_id: str, status: str = "FINISHED", *, release: bool = False) -> None:
+        """Enqueue the run's end; applied after everything enqueued for it before.
+
+        ``release``: the caller is done with this child run (or member) for the session and will not start its
+        key again; the tracker then forgets the run once its end is stored, so its memory is bounded by the
+        runs in flight, not by the sweep's size (a start of the same key later in the session would make a
+        new run). A group run is released with its last member's end.
+        """
         if status not in ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"unknown MLflow run status {status!r}; use FINISHED, FAILED or KILLED")
         if MEMBER_SEP in run_id:  # a group member: the group run ends with its last member
@@ -286,8 +293,12 @@ class Tracker:
                 if len(group.ended) < group.members:
                     return
                 ends = set(group.ended.values())
+                if release:
+                    del self._groups[rid]
             status = next((s for s in ("FAILED", "KILLED") if s in ends), "FINISHED")
             run_id = rid
+        if release:  # before the end is queued: the writer may store it at once
+            self._runs.release(run_id)
         self._writer.enqueue(EndOp(run_id, status, now_ms()))
 
     def run_id(self, run_id: str) -> str:
@@ -334,6 +345,12 @@ class Tracker:
             self.close()
         except TrackingError as err:
             log.error("%s", err)
+
+    @property
+    def runs_held(self) -> int:
+        """Runs (and groups) this tracker keeps in memory: those in flight, plus any not released."""
+        with self._groups_lock:
+            return self._runs.held + len(self._groups)
 
     @property
     def stats(self) -> TrackerStats:

@@ -15,6 +15,7 @@ from ..errors import TrackingError
 from .common import (
     BACKOFF_CAP_S,
     BACKOFF_FIRST_S,
+    EndOp,
     MetricsOp,
     Op,
     Step,
@@ -68,8 +69,12 @@ class Writer:
     """
 
     def __init__(self, store: Store, tracking_uri: str, *, flush_interval_s: float, max_batch: int,
-                 retry_max_s: float, max_queued: int = 20_000) -> None:
+                 retry_max_s: float, max_queued: int = 20_000,
+                 on_ended: Callable[[list[str]], None] | None = None) -> None:
+        """``on_ended`` hears, on the writer thread, the runs whose ends a cycle applied (written or
+        reported lost): nothing queued for them before their end is left."""
         self.store = store
+        self._on_ended = on_ended
         # Backpressure: while the store is up but slower than the callers, enqueue waits once this many ops
         # queue up, so the driver's memory is bounded by what is in flight (two cycles' worth at most), not
         # by the sweep's size. During an outage it never waits: the queue grows until retry_max_s.
@@ -201,6 +206,10 @@ class Writer:
                 except Exception as exc:  # a bug here must not hang flush(): count the rest as lost
                     log.exception("MLflow writer failed")
                     self._fail_rest(ops, done_before, f"MLflow writer crashed ({one_line(exc)}); report this bug")
+                if self._on_ended is not None:
+                    ended = [op.run_id for op in ops if type(op) is EndOp]
+                    if ended:
+                        self._on_ended(ended)
             with self._cv:
                 self._seq_done = last_seq
                 self._cv.notify_all()

@@ -14,14 +14,16 @@ from orchestrator import config as cfgmod
 from orchestrator.ledger import Ledger, NetworkResult, ResultIndex, StepTable
 from orchestrator.plan import (
     NetworkPlan,
+    load_jobs,
     network_spec,
     pack_memory,
     plan,
     plan_networks,
     plan_packs,
+    save_jobs,
 )
 from orchestrator.runfolder import RunFolder
-from workers.engine import NetMetrics, NetStatus, Report, Retired, derive_seed
+from workers.engine import NetMetrics, NetStatus, Report, Retired, derive_seed, to_dict
 from workers.jobs import PackEvent, SpecTable
 
 # Each per-network setting's way from its config key to its network, its MLflow param and a shared pack is
@@ -130,6 +132,24 @@ def test_plan_spreads_over_workers_within_memory() -> None:
         sorted(f"p{i:04d}" for i in range(4))
 
 
+def test_plan_json_round_trips_and_reads_an_earlier_versions_file(tmp_path: Path) -> None:
+    """plan.json is written a pack per line (streamed) and read back to the same jobs; a plan an earlier
+    version wrote as one indented document still reads."""
+    cfg = cfgmod.load(None, ["sweep.widths=[8,16,32]", "sweep.seeds=3",
+                             "sweep.variants=[{name: a}, {name: b, set: {dynamics.temperature: 0.5}}]"])
+    jobs = plan_packs(cfg, plan_networks(cfg), n_workers=3, memory_bytes=64 << 30, checkpoint_dir=tmp_path)
+    assert len(jobs) >= 3
+    save_jobs(jobs, tmp_path / "plan.json")
+    lines = (tmp_path / "plan.json").read_text().splitlines()
+    assert len(lines) == len(jobs) + 2 and json.loads("\n".join(lines)) is not None
+    assert load_jobs(tmp_path / "plan.json") == jobs
+    old = json.loads((tmp_path / "plan.json").read_text())
+    assert old[0]["networks"] == [to_dict(n) for n in jobs[0].networks]
+    (tmp_path / "old.json").write_text(json.dumps(old, indent=1))  # how earlier versions wrote it
+    assert load_jobs(tmp_path / "old.json") == jobs
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 # --------------------------------------------------------------------------- the ledger
 
 
@@ -147,7 +167,7 @@ class FakeTracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.tags.setdefault(run_id, {}).update(tags)
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+    def end_run(self, run_id: str, status: str = "FINISHED", *, release: bool = False) -> None:
         self.ended.append((run_id, status))
 
     def stored_steps(self, run_id: str) -> dict[str, int]:

@@ -48,6 +48,8 @@ def test_sweep_on_simulated_pool(tmp_path: Path, seeds: int, workers: int, runs:
     summary = sweep.run()
     nets = sweep.networks
     assert len(nets) == len(WIDTHS) * seeds and len(made) == 1 and made[0].n_workers == workers
+    # Nothing per network is left in the driver: each network's run was forgotten once its end was stored.
+    assert sweep.child == {} and sweep.tracker.runs_held == 1  # the parent
 
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert Counter(r["net_id"] for r in lines) == Counter({n.net_id: 1 for n in nets})

@@ -763,3 +763,65 @@ def test_rejected_param_takes_no_points_with_it(sqlite_uri: str, fast_sql: bool)
     assert (tr.stats.points_logged, tr.stats.points_lost) == (1, 0)
     run = MlflowClient(sqlite_uri).get_run(kid)
     assert run.data.metrics == {"x": 1.0} and run.data.params == {"w": "1"} and run.data.tags["t"] == "v"
+
+
+def test_released_runs_are_written_in_full_then_forgotten(backend: Backend) -> None:
+    """end_run(release=True), as the sweep ends its networks: every write queued before the end is stored, and
+    then the tracker keeps nothing of the run (its memory is bounded by the runs in flight, not the sweep's
+    size); a run not released (the parent) is kept."""
+    exp = f"release-{uuid.uuid4().hex[:8]}"
+    tr = backend.tracker(exp, flush_interval_s=0.05)
+    parent = tr.start_parent("sweep", {}, {"mfsweep.sweep_key": exp})
+    kids = [tr.start_child(parent, f"net{i}", f"net{i}", {"width": i}, {}) for i in range(12)]
+    members = [tr.start_member(parent, "grp", "grp", f"seed{r}", 3, {"width": 99}, {}) for r in range(3)]
+    assert tr.runs_held == 1 + 12 + 1 + 1  # the parent, the children, the group run and its group
+    log_grid(tr, kids, range(30))
+    for i, kid in enumerate(kids):
+        tr.set_tags(kid, {"mfsweep.status": "done"})
+        tr.end_run(kid, "FAILED" if i == 5 else "FINISHED", release=True)
+    for r, m in enumerate(members):
+        tr.log_metrics(m, {"test_loss": float(r)}, 7)
+        tr.end_run(m, release=True)
+    tr.flush()
+    assert tr.runs_held == 1
+    tr.end_run(parent)
+    tr.close()
+    assert (tr.stats.points_logged, tr.stats.points_lost) == (12 * 3 * 30 + 3, 0)
+
+    client = MlflowClient(backend.uri)
+    runs = {r.data.tags["mfsweep.key"]: r for r in client.search_runs(
+        [tr.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)}
+    assert sorted(runs) == sorted([*(f"net{i}" for i in range(12)), "grp"])
+    for i in range(12):
+        run = runs[f"net{i}"]
+        assert run.info.status == ("FAILED" if i == 5 else "FINISHED")
+        assert run.data.tags["mfsweep.status"] == "done" and run.data.params == {"width": str(i)}
+        assert_history(client, run.info.run_id, i, range(30))
+    grp = runs["grp"]
+    assert grp.info.status == "FINISHED" and grp.data.metrics == {f"seed{r}/test_loss": float(r) for r in range(3)}
+
+
+def test_release_with_a_full_queue_does_not_deadlock(sqlite_uri: str) -> None:
+    """The writer hears of stored ends while a caller may be waiting for it with the run book held (a new
+    child's creation queued into a full queue): forgetting released runs must not need that caller."""
+    tr = Tracker(sqlite_uri, "release-full", flush_interval_s=0.01, max_batch=1, max_queued=1)
+    parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "release-full"})
+
+    def report_path() -> None:
+        for i in range(60):
+            kid = tr.start_child(parent, f"n{i}", f"n{i}", {"w": i}, {})
+            tr.log_metrics(kid, {"x": float(i)}, 1)
+            tr.end_run(kid, release=True)
+            # With a queue of one, the next op (the next child's creation, under the run book's lock) waits
+            # while the writer stores the end above and hears of it.
+            tr.log_metrics(parent, {"done": float(i)}, i)
+
+    t = threading.Thread(target=report_path, daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the report path deadlocked with the writer"
+    assert tr._writer.waits > 0  # the queue was full: the case under test happened
+    tr.flush()
+    assert tr.runs_held == 1
+    tr.close()
+    assert (tr.stats.points_logged, tr.stats.points_lost) == (120, 0)
