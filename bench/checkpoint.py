@@ -5,7 +5,7 @@
 
 For each R a pack reports R times (eval_every=1), then:
   - ``ckpt_bytes``/``save_ms``/``load_ms``: ``Pack.save`` and ``Pack.load`` of that pack (best of 5);
-  - ``resume_ms``: a fresh :class:`workers.actor.PackRunner` handed the same job, from its start until it
+  - ``resume_ms``: a fresh :class:`workers.runner.PackRunner` handed the same job, from its start until it
     yields the first report past the checkpoint (what a restarted worker pays before it does new work);
   - ``log_bytes``: the report log beside the checkpoint (``<checkpoint>.reports.jsonl``), when there is one:
     it grows with R, but only by appends, and nothing reads it on a worker's restart.
@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.actor import PackRunner
 from workers.engine import DynamicsSpec, ModelSpec, NetworkSpec, Pack, TaskKind, TaskSpec
 from workers.jobs import PackJob
+from workers.runner import PackRunner
 
 
 def make_job(reports: int, networks: int, width: int, checkpoint: Path) -> PackJob:

@@ -19,9 +19,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from .config import ExecutionConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_SERVICE = 3
@@ -108,6 +111,15 @@ def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _start_local_worker(ex: ExecutionConfig) -> None:
+    """With the local backend, its worker process starts now, once the input is checked: torch loads there
+    while this process loads the driver (localworker.py)."""
+    if ex.backend == "local":
+        from .localworker import prewarm
+
+        prewarm(ex.device)
+
+
 # Each command validates its input and runs the preflight checks before importing the drivers: those load
 # torch, Ray, Optuna and MLflow (seconds), and a bad input should cost well under a second.
 def _scaling(args: argparse.Namespace, console: Console) -> int:
@@ -118,6 +130,7 @@ def _scaling(args: argparse.Namespace, console: Console) -> int:
     cfg = config_mod.load(args.config or config_mod.QUICKSTART, args.overrides, **_direct(args))
     out = args.out or _default_out(cfg.name)
     check_scaling(cfg, out, args.address, args.tracking_uri)
+    _start_local_worker(cfg.execution)
     with runfolder.hold(out, "mfsweep scaling"):  # before anything in the folder is read or written
         old = out / "config.yaml"
         if old.exists():
@@ -144,7 +157,9 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     if (args.dir / "search.yaml").exists():
         from .search_config import load_search
 
-        check_search(load_search(args.dir / "search.yaml"), args.dir, args.address, args.tracking_uri)
+        search = load_search(args.dir / "search.yaml")
+        check_search(search, args.dir, args.address, args.tracking_uri)
+        _start_local_worker(search.execution)
         from .search import resume_search
 
         if args.overrides:
@@ -158,6 +173,7 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
                                      "folder a sweep or search wrote")
     cfg = config_mod.extend(config_mod.load(path), args.overrides)
     check_scaling(cfg, args.dir, args.address, args.tracking_uri)
+    _start_local_worker(cfg.execution)
     from .scaling import ScalingSweep
 
     with runfolder.hold(args.dir, "mfsweep resume"):
@@ -195,6 +211,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
     cfg = load_search(args.config, args.overrides, **_direct(args))
     out = args.out or _default_out(cfg.name)
     check_search(cfg, out, args.address, args.tracking_uri)
+    _start_local_worker(cfg.execution)
     from .search import run_search_cli
 
     return run_search_cli(args, console, cfg=cfg, out=out)

@@ -298,7 +298,8 @@ class SweepConfig(Strict):
 
 class ExecutionConfig(Strict):
     backend: Literal["ray", "local"] = "ray"
-    """ray (actor pool, local or --address cluster) | local (in-process, for debugging)."""
+    """ray (actor pool, local or --address cluster) | local (one worker process on this machine, no Ray: the
+    fastest start, a few seconds to the first step)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda where the workers see a GPU, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"

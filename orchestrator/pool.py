@@ -1,5 +1,6 @@
 """Worker pools that train packs: :class:`RayPool` (persistent Ray actors, local or on a cluster) and
-:class:`LocalPool` (in-process). Both honour one contract (tests/orchestrator/test_pool_contract.py):
+:class:`LocalPool` (one worker process on this machine). Both honour one contract
+(tests/orchestrator/test_pool_contract.py):
 
 - ``run(jobs, on_event)`` returns when every job finished or failed; ``on_event`` is called in the caller's
   thread, in order per pack, for every report; the returned list names the jobs that failed and why.
@@ -41,10 +42,11 @@ import ray
 import ray.exceptions
 from ray.autoscaler.sdk import request_resources
 
-from workers.actor import PackRunner, PackWorker
+from workers.actor import PackWorker
 from workers.jobs import PackEvent, PackJob, WorkerInfo
+from workers.serve import reason_of
 
-from . import libcompat, localray
+from . import libcompat, localray, localworker
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +130,31 @@ class Pool(ABC):
 
 
 class LocalPool(Pool):
-    """One in-process worker; a job that raises is retried from its checkpoint like a dead actor's."""
+    """One worker process on this machine (:mod:`.localworker`), driven in lockstep like a generator in the
+    driver's thread. A job that raises is retried from its checkpoint; a worker process that dies (killed, out
+    of memory) is replaced and the job continues from its checkpoint without using up a retry, until it dies
+    ``MAX_LOSSES`` times in a row with no new report: then the run stops (:class:`WorkersLost`), nothing
+    failed."""
+
+    MAX_LOSSES = 3
 
     def __init__(self, device: str = "auto", max_retries: int = 3) -> None:
-        self.runner = PackRunner(device)
-        self.workers = [self.runner.info()]
+        self._device = device
         self.max_retries = max_retries
+        self.runner = self._start(localworker.take(device))
+
+    @staticmethod
+    def _start(worker: localworker.WorkerProcess) -> localworker.WorkerProcess:
+        try:
+            worker.info()
+        except localworker.WorkerStartFailed as err:
+            worker.close()
+            raise PoolError(f"the local worker could not start: {err}") from None
+        return worker
+
+    @property
+    def workers(self) -> list[WorkerInfo]:  # type: ignore[override]
+        return [self.runner.info()]
 
     def request_retire(self, pack_id: str, net_id: int, status: str = "pruned", reason: str = "pruned") -> None:
         self.runner.request_retire(pack_id, net_id, status, reason)
@@ -147,24 +168,44 @@ class LocalPool(Pool):
             job = todo.popleft()
             failure: JobFailure | None = None
             seen = -1
-            for attempt in range(self.max_retries + 1):
+            raised = lost = 0
+            run = job
+            while True:
                 if stop is not None and stop.is_set():
                     return failures
+                before = seen
                 try:
-                    run = job if attempt == 0 else dataclasses.replace(job, resend_after=seen)
-                    for event in self.runner.train(run):
-                        seen = max(seen, event.report.step)
-                        on_event(event)
-                        if stop is not None and stop.is_set():
-                            return failures
+                    with contextlib.closing(self.runner.train(run)) as events:
+                        for event in events:
+                            seen = max(seen, event.report.step)
+                            on_event(event)
+                            if stop is not None and stop.is_set():
+                                return failures
                     break
-                except Exception as err:  # a crashed worker: retry from the checkpoint
-                    if attempt == self.max_retries:
-                        failure = JobFailure(job, f"{type(err).__name__}: {err}")
+                except localworker.WorkerLost as err:
+                    lost = lost + 1 if seen == before else 1
+                    if lost >= self.MAX_LOSSES:
+                        raise WorkersLost(f"{err}, {lost} times in a row on pack {job.pack_id} with no new "
+                                          "report; nothing was recorded as failed: free memory or lower "
+                                          "execution.max_networks_per_pack, then mfsweep resume DIR") from None
+                    log.warning("%s; pack %s continues from its checkpoint in a new worker process", err,
+                                job.pack_id)
+                    self.runner.close()
+                    self.runner = self._start(localworker.WorkerProcess(self._device))
+                except Exception as err:  # the pack's own error: retry from the checkpoint
+                    if raised == self.max_retries:
+                        reason = str(err) if isinstance(err, localworker.WorkerRaised) else reason_of(err)
+                        failure = JobFailure(job, reason)
                         failures.append(failure)
+                        break
+                    raised += 1
+                run = dataclasses.replace(job, resend_after=seen)
             if on_done is not None:
                 todo.extend(on_done(job, failure))
         return failures
+
+    def close(self) -> None:
+        self.runner.close()
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def local_worker_memory(ex: ExecutionConfig) -> tuple[int, str]:
     if ex.device == "cuda" and gpus == 0:
         raise ServiceError("execution.device=cuda but this machine has no usable GPU (torch sees no CUDA "
                            "device); use --device cpu or auto, or run on a GPU machine / --address cluster")
-    if ex.backend == "local":  # one in-process worker
+    if ex.backend == "local":  # one worker process
         if gpus and ex.device != "cpu":
             return _gpu_memory(0), "the GPU"
         return _ram_bytes(), "this machine"

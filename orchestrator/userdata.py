@@ -410,7 +410,7 @@ def resolve(task: TaskConfig) -> dict[str, Any]:
 
 class DataShipper:
     """Attaches a dataset task's prepared arrays to its pack jobs: one ``ray.put`` per dataset and driver
-    (workers fetch them from the object store), or the arrays themselves for the in-process pool."""
+    (workers fetch them from the object store), or the arrays themselves for the local pool's worker process."""
 
     def __init__(self) -> None:
         self._data: dict[str, Any] = {}

@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator import config as cfgmod
 from orchestrator.plan import load_jobs, plan_networks, plan_packs, save_jobs
-from workers.actor import PackRunner
+from workers.runner import PackRunner
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from workers.actor import PackRunner
 from workers.engine import Algorithm, DynamicsSpec, ModelSpec, NetworkSpec, Pack, Report, TaskKind, TaskSpec
 from workers.engine.reports import report_to_json
 from workers.jobs import PackEvent, PackJob
 from workers.reportlog import LOG_BYTES, log_path, read_events
+from workers.runner import PackRunner
 
 TASK = TaskSpec(kind=TaskKind.TEACHER, dim=4, seed=1, teacher_units=2, n_test=64)
 # One network diverges (retired mid-run), so the log also carries a network's end.
