@@ -232,7 +232,8 @@ def readback(uri: str, summary: dict[str, Any], sweep: ScalingSweep, curve: Plan
 
 
 @contextlib.contextmanager
-def postgres_uri() -> Iterator[str]:
+def postgres_uri(driver: str = "psycopg") -> Iterator[str]:
+    """A throwaway PostgreSQL server's database, through ``driver`` (psycopg: psycopg 3, as deploy/ uses)."""
     import psycopg2
 
     from tests.conftest import pg_cluster
@@ -243,7 +244,7 @@ def postgres_uri() -> Iterator[str]:
         with conn.cursor() as cur:
             cur.execute('CREATE DATABASE "scale"')
         conn.close()
-        yield f"{base}/scale".replace("postgresql://", "postgresql+psycopg2://", 1)
+        yield f"{base}/scale".replace("postgresql://", f"postgresql+{driver}://", 1)
 
 
 @contextlib.contextmanager

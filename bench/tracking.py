@@ -16,9 +16,10 @@ With --outage (starts a real `mlflow server`, then kills it):
                                      (the Tracker stops retrying after retry_max_s)
 With --postgres (a throwaway PostgreSQL server, tests/conftest.py's pg_cluster, reached directly: the COPY path):
     the same Tracker run once per --shards value (how many connections write metric points at once,
-    orchestrator.tracking.sqlstore.PG_POINT_SHARDS), side by side in one process, each into its own experiment:
-    pg_points_per_s {shards: points/s}, pg_all_present {shards: every point read back}; the SQLite
-    figures above are then skipped.
+    orchestrator.tracking.sqlstore.PG_POINT_SHARDS) and --copy format (binary or text COPY of the points,
+    sqlstore.PG_BINARY_COPY; binary needs --driver psycopg, psycopg 3), --repeat times, alternating, in one
+    process, each into its own experiment: pg_points_per_s {"shards/format[#round]": points/s}, pg_all_present
+    {...: every point read back}; the SQLite figures above are then skipped.
 These timings were asserts in tests/orchestrator/test_tracking.py; they are figures here, the tests keep the
 behaviour. MLflow is imported here only to read back and for the naive baseline.
 """
@@ -164,22 +165,26 @@ def outage(root: Path, points: int, retry_max_s: float) -> dict[str, float]:
             "give_up_s": round(give_up_s, 3)}
 
 
-def postgres(points: int, runs: int, metrics: int, shards: list[int]) -> dict[str, object]:
+def postgres(points: int, runs: int, metrics: int, shards: list[int], formats: list[str], repeat: int,
+             driver: str) -> dict[str, object]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from scale import postgres_uri
 
-    rates: dict[int, int] = {}
-    present: dict[int, bool] = {}
-    with postgres_uri() as uri:
-        for i, k in enumerate(shards):
+    rates: dict[str, int] = {}
+    present: dict[str, bool] = {}
+    with postgres_uri(driver) as uri:
+        rounds = [(r, k, f) for r in range(repeat) for k in shards for f in formats]  # alternating, side by side
+        for i, (r, k, fmt) in enumerate(rounds):
             sqlstore.PG_POINT_SHARDS = k
+            sqlstore.PG_BINARY_COPY = fmt == "binary"
             c0 = time.process_time()
-            t, kids, steps = run_tracker(uri, f"bench-{i}-shards{k}", points, runs, metrics)
+            t, kids, steps = run_tracker(uri, f"bench-{i}-shards{k}-{fmt}", points, runs, metrics)
             print(f"client CPU {time.process_time() - c0:.1f}s over {t['seconds']:.1f}s", file=sys.stderr)
-            rates[k] = round(t["points"] / t["seconds"])
-            present[k] = all_present(uri, kids, steps, metrics)
-            print(f"{k} connection(s): {rates[k]} points/s, all present: {present[k]}", file=sys.stderr)
-    return {"points": points, "runs": runs, "metrics": metrics, "pg_points_per_s": rates,
+            name = f"{k}/{fmt}" + (f"#{r + 1}" if repeat > 1 else "")
+            rates[name] = round(t["points"] / t["seconds"])
+            present[name] = all_present(uri, kids, steps, metrics)
+            print(f"{name}: {rates[name]} points/s, all present: {present[name]}", file=sys.stderr)
+    return {"points": points, "runs": runs, "metrics": metrics, "driver": driver, "pg_points_per_s": rates,
             "pg_all_present": present}
 
 
@@ -196,10 +201,14 @@ def main() -> None:
     ap.add_argument("--retry-max-s", type=float, default=1.5, help="the Tracker's retry_max_s in the outage")
     ap.add_argument("--postgres", action="store_true", help="into PostgreSQL instead, per --shards value")
     ap.add_argument("--shards", default="1,2,4", help="with --postgres: the point-writing connections to compare")
+    ap.add_argument("--driver", choices=["psycopg", "psycopg2"], default="psycopg",
+                    help="with --postgres: psycopg 3 (as deploy/ uses) or psycopg2 (text COPY only)")
+    ap.add_argument("--copy", default="binary", help="with --postgres: COPY formats to compare, e.g. binary,text")
+    ap.add_argument("--repeat", type=int, default=1, help="with --postgres: rounds of every shards x format")
     args = ap.parse_args()
     if args.postgres:
-        print(json.dumps(postgres(args.points, args.runs, args.metrics,
-                                  [int(k) for k in args.shards.split(",")])))
+        print(json.dumps(postgres(args.points, args.runs, args.metrics, [int(k) for k in args.shards.split(",")],
+                                  args.copy.split(","), args.repeat, args.driver)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:

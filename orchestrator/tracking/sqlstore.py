@@ -40,7 +40,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .common import RUN_NAME_TAG, USER_TAG, CreateOp, MetricsOp, Segment, Step, chunks, log, one_line
-from .pgcopy import copy_rows, encode, supports_copy
+from .pgcopy import copy_rows, supports_copy
 from .stores import ClientStore
 
 # MLflow store schema versions (alembic revisions) the bulk SQL path was tested against: MLflow 3.17's head.
@@ -66,9 +66,17 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 _PointRow = tuple[str, float, int, int, bool, str]
-# PostgreSQL: metric points written on this many connections at once (bench/tracking.py --postgres measures
-# it: 32.5k points/s on one connection, 40.2k on four, on an idle 2-core machine that also runs the client).
-PG_POINT_SHARDS = 4
+# PostgreSQL's types of _METRIC_ORDER, for COPY's binary format (which must match the columns exactly: checked
+# against the reflected table by _binary_ready, else the points go in as text).
+_METRIC_PG_TYPES = ("varchar", "float8", "int8", "int8", "bool", "varchar")
+_METRIC_SA_TYPES = (sa.String, sa.Float, sa.BigInteger, sa.BigInteger, sa.Boolean, sa.String)
+# PostgreSQL: metric points written on this many connections at once. bench/tracking.py --postgres, binary
+# COPY, on a 2-core machine that also runs the client (2026-12-03): 1 connection 43.8-47.5k points/s, 2:
+# 53.4-69.0k, 4: 46.1-63.3k. A database server with cores of its own would take more.
+PG_POINT_SHARDS = 2
+# PostgreSQL through psycopg 3: metric points in COPY's binary format (pgcopy.py; bench/tracking.py --postgres
+# --copy binary,text compares them).
+PG_BINARY_COPY = True
 # PostgreSQL: latest_metrics in one set-based upsert per batch (one row per run and key, arrays as parameters),
 # with MLflow's rule as its WHERE: replace only a strictly smaller (step, timestamp, value).
 _UPSERT_LATEST_PG = sa.text(
@@ -89,6 +97,15 @@ _END_RUNS_PG = sa.text(
     "UPDATE runs SET status = u.status, end_time = u.end_time FROM unnest(CAST(:b_run AS varchar[]), "
     "CAST(:b_status AS varchar[]), CAST(:b_end AS bigint[])) AS u(run_uuid, status, end_time) "
     "WHERE runs.run_uuid = u.run_uuid")
+
+
+def _binary_ready(metrics: sa.Table) -> bool:
+    """The metrics table's columns have the types _METRIC_PG_TYPES names (a double, not a real, for value)."""
+    for name, want in zip(_METRIC_ORDER, _METRIC_SA_TYPES, strict=True):
+        got = metrics.c[name].type
+        if not isinstance(got, want) or (want is sa.Float and getattr(got, "precision", None) not in (None, 53)):
+            return False
+    return True
 
 
 def _point_row(run_id: str, key: str, value: float, timestamp_ms: int, step: int) -> _PointRow:
@@ -112,6 +129,8 @@ class BulkSqlStore:
         self._engine = engine
         self._pg = engine.dialect.name == "postgresql"
         self._copy = supports_copy(engine)
+        self._metric_types = (_METRIC_PG_TYPES if self._copy and PG_BINARY_COPY and _binary_ready(tables["metrics"])
+                              else None)
         self._fallback = fallback
         self._owned = owned
         self._experiment_id = int(experiment_id)
@@ -248,7 +267,7 @@ class BulkSqlStore:
               fallback: Any) -> None:
         """New rows: COPY on PostgreSQL, else (or when some are already there: a retried write) ``fallback``,
         the table's insert-or-ignore / upsert statement."""
-        if self._copy and copy_rows(conn, table, columns, encode(rows)):
+        if self._copy and copy_rows(conn, table, columns, rows):
             return
         conn.execute(fallback, [dict(zip(columns, row, strict=True)) for row in rows])
 
@@ -276,7 +295,7 @@ class BulkSqlStore:
                 unique = list(dict.fromkeys(rows))
                 # Sorted by run, key, step: the metrics indexes (run_uuid; run_uuid, key, step) fill page by page.
                 unique.sort(key=lambda r: (r[5], r[0], r[3]))
-                if not copy_rows(conn, "metrics", _METRIC_ORDER, encode(unique)):
+                if not copy_rows(conn, "metrics", _METRIC_ORDER, unique, self._metric_types):
                     conn.execute(self._ins_points, [dict(zip(_METRIC_ORDER, r, strict=True)) for r in unique])
             else:
                 conn.execute(self._ins_points, [dict(zip(_METRIC_ORDER, r, strict=True)) for r in rows])

@@ -584,6 +584,32 @@ def test_latest_metric_follows_mlflows_rule(bulk_uri: str) -> None:
     assert len(client.get_metric_history(ours, "g")) == 2
 
 
+@pytest.mark.postgres
+def test_psycopg3_writes_points_by_binary_copy(psycopg_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through psycopg 3 the points go in COPY's binary format (a silent fall back to text, e.g. when the
+    reflected column types stop matching, fails here), and read back exactly, floats to the last bit."""
+    from orchestrator.tracking import sqlstore
+
+    formats: list[tuple[str, object]] = []
+    real = sqlstore.copy_rows
+
+    def spy(conn: Any, table: str, columns: Any, rows: Any, binary_types: Any = None) -> bool:
+        formats.append((table, binary_types))
+        return real(conn, table, columns, rows, binary_types)
+
+    monkeypatch.setattr(sqlstore, "copy_rows", spy)
+    values = [0.1, 1 / 3, -2.5e-300, 1e300, 7.0, math.pi]
+    with Tracker(psycopg_uri, f"binary-{uuid.uuid4().hex[:8]}") as tr:
+        assert tr.uses_fast_sql
+        parent = tr.start_parent("p", {}, {"mfsweep.sweep_key": "k"})
+        child = tr.start_child(parent, "c", "c", {}, {})
+        for step, v in enumerate(values):
+            tr.log_metrics(child, {"loss": v, "n": step}, step)
+    assert ("metrics", sqlstore._METRIC_PG_TYPES) in formats
+    history = MlflowClient(psycopg_uri).get_metric_history(child, "loss")
+    assert sorted((m.step, m.value) for m in history) == list(enumerate(values))
+
+
 def test_new_children_never_wait_on_the_store(sqlite_uri: str) -> None:
     """start_child of new networks, their points and ends return while another connection holds the SQLite
     store locked (the writer retries behind them); everything lands once the lock is released."""
