@@ -109,7 +109,7 @@ def run_mfsweep(args: argparse.Namespace, root: Path) -> tuple[float, dict[int, 
     elapsed = time.perf_counter() - t0
     losses: dict[int, list[float]] = {}
     for p in summary["variants"][0]["points"]:
-        losses.setdefault(p["width"], []).append(p["test_loss"])
+        losses.setdefault(p["width"], []).append(p["last_test_loss"])  # the last point, as Tune reports
     return elapsed, {w: sum(v) / len(v) for w, v in sorted(losses.items())}
 
 

@@ -312,7 +312,7 @@ def test_killed_drivers_local_ray_is_cleaned_up(tmp_path: Path) -> None:
     finally:
         drv.proc.send_signal(signal.SIGKILL)
         drv.proc.wait()
-    # The next command (here a tiny in-process sweep elsewhere) stops them and says so.
+    # The next command (here a tiny sweep on the local backend elsewhere) stops them and says so.
     nxt = Driver("scaling", str(CONFIG), *[x for s in sets("[8]", 1, 20, 10, 1, "execution.backend=local")
                                            for x in ("--set", s)], "--out", str(tmp_path / "next"), "--no-progress")
     assert nxt.wait(120) == 0, nxt.output[-3000:]

@@ -1,4 +1,4 @@
-"""One contract, two pools: the in-process LocalPool and the Ray actor pool (a real local Ray)."""
+"""One contract, two pools: LocalPool (one worker process, in lockstep) and RayPool (a real local Ray)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_prune_request_leaves_packmates(pool: Pool, tmp_path: Path) -> None:
     assert retired[victim].reason == "test prune"
     assert max(seen[victim]) < steps  # it left before the end
     if isinstance(pool, LocalPool):
-        assert max(seen[victim]) == 10  # in-process: at the very next report
+        assert max(seen[victim]) == 10  # lockstep: at the very next report
     assert retired[mate].status is NetStatus.FINISHED and seen[mate][-1] == steps
 
 

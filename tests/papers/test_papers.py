@@ -1,7 +1,7 @@
 """The paper-reproduction configs stay valid, and the birth-death advantage of experiment 1 (ICML 2019,
 example A) from the bad initialization still shows on a small size.
 
-The small run goes through the real main job (``mfsweep scaling``, in-process backend) and reads its
+The small run goes through the real main job (``mfsweep scaling``, local backend) and reads its
 summary.json, like a user would: n = 50 particles all started in the left well y ~ -2 + 0.1 N(0, 1), exact
 energy, 4000 GD steps (the last 500 without birth-death). Plain GD (and the `clone` scheme, which only
 copies stuck particles) stays in the local minimum; the `prior` scheme re-injects mass from U[-2, 2] and
