@@ -130,7 +130,9 @@ def remove_workers(cluster: object) -> None:
 def test_nodes_that_join_get_packs(cluster: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One worker node at the start; two join after the first report: they run packs, and every network
     finishes once. The autoscaler is asked for the packs' need, up to max_workers (here no autoscaler runs:
-    the requests are recorded where they would go)."""
+    the requests are recorded where they would go). The first node holds one pack with no step cap to speak
+    of until both new nodes have reported (then its networks are retired as finished), so the other packs wait
+    for the new nodes however slowly they start."""
     import orchestrator.pool as pool_mod
 
     asked: list[list[dict]] = []
@@ -148,18 +150,33 @@ def test_nodes_that_join_get_packs(cluster: object, tmp_path: Path, monkeypatch:
         jobs = plan_packs(cfg, nets, n_workers=pool.plan_workers, memory_bytes=pool.memory_bytes,
                           checkpoint_dir=tmp_path / "ck")
         assert len(jobs) == 16
+        from dataclasses import replace
+
+        held = replace(jobs[0], dynamics=replace(jobs[0].dynamics, steps=10**8))
+        jobs = [held, *jobs[1:]]  # the first node takes it first (one worker, queue order)
+        others = {s.net_id for j in jobs[1:] for s in j.networks}
+        released: list[bool] = []
+        deadline = [float("inf")]  # a pool that starves the new nodes fails in 2 minutes, not at pytest's timeout
 
         def on_event(ev: PackEvent) -> None:
             if not joined:
                 joined.extend(add_node(cluster) for _ in range(2))
+                deadline[0] = time.monotonic() + 120
             node_of.setdefault(ev.pack_id, pool.worker_nodes[ev.worker])
             finished.extend(r.net_id for r in ev.report.retired if r.status is NetStatus.FINISHED)
+            # Both new nodes reported (or, if a bug starves one, every other pack is done): end the held pack.
+            both = {n.node_id for n in joined} <= set(node_of.values())  # type: ignore[attr-defined]
+            if not released and (both or others <= set(finished) or time.monotonic() > deadline[0]):
+                released.append(both)
+                for spec in held.networks:
+                    pool.request_retire(held.pack_id, spec.net_id, "finished", "test: the new nodes got packs")
 
         assert pool.run(jobs, on_event) == []
         assert sorted(finished) == [n.net_id for n in nets]  # every network once
         new = {n.node_id for n in joined}  # type: ignore[attr-defined]
         per_node = {nd: sum(1 for v in node_of.values() if v == nd) for nd in set(node_of.values())}
         assert new <= set(per_node), per_node  # both new nodes ran packs
+        assert released == [True]
         assert pool.n_workers == 3  # max_workers bounds the request, not the workers that join
     finally:
         pool.close()
